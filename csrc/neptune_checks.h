@@ -1,0 +1,120 @@
+// Argument validation and per-tensor constants shared by the CPU and CUDA operators.
+// Everything is checked before anything is written, so a bad call changes nothing.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+#include <cmath>
+#include <string>
+
+#include "neptune_math.h"
+
+namespace neptune {
+
+struct Hyper {
+  double lr, beta1, beta2, weight_decay, eps, clip;
+  bool cautious, maximize;
+};
+
+inline void check_hyper(const Hyper& h) {
+  TORCH_CHECK_VALUE(h.lr >= 0.0, "neptune_step_: lr must be >= 0, got ", h.lr);
+  TORCH_CHECK_VALUE(h.beta1 >= 0.0 && h.beta1 < 1.0, "neptune_step_: beta1 must be in [0, 1), got ", h.beta1);
+  TORCH_CHECK_VALUE(h.beta2 >= 0.0 && h.beta2 < 1.0, "neptune_step_: beta2 must be in [0, 1), got ", h.beta2);
+  TORCH_CHECK_VALUE(h.eps > 0.0, "neptune_step_: eps must be > 0, got ", h.eps);
+  TORCH_CHECK_VALUE(h.weight_decay >= 0.0, "neptune_step_: weight_decay must be >= 0, got ", h.weight_decay);
+  TORCH_CHECK_VALUE(h.clip >= 0.0, "neptune_step_: clip must be >= 0, got ", h.clip);
+}
+
+inline int param_dtype_code(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: return -1;
+  }
+}
+
+// A unit is p[i] for ndim >= 2, the whole tensor otherwise.
+inline int64_t unit_len_of(const at::Tensor& p) {
+  if (p.dim() >= 2) return p.size(0) == 0 ? 0 : p.numel() / p.size(0);
+  return p.numel();
+}
+
+// Units must be contiguous spans: dense memory with dim 0 outermost. This admits
+// channels_last conv weights, whose units are contiguous but permuted inside (the rule
+// is elementwise plus per-unit sums, so order inside a unit does not matter).
+inline bool units_are_spans(const at::Tensor& p) {
+  if (p.numel() == 0) return true;
+  if (!p.is_non_overlapping_and_dense()) return false;
+  if (p.dim() >= 2 && p.size(0) > 1) return p.stride(0) == p.numel() / p.size(0);
+  return true;
+}
+
+inline void check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList steps,
+                        c10::DeviceType device_type) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+              "neptune_step_: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length, got ",
+              n, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size());
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    const at::Tensor& m = exp_avgs[i];
+    const at::Tensor& v = exp_avg_sqs[i];
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(!p.is_complex(), "neptune_step_: params[", i, "] is complex; Neptune supports real float32, bfloat16 and float16 params");
+    TORCH_CHECK(param_dtype_code(p.scalar_type()) >= 0, "neptune_step_: params[", i, "] has dtype ", p.scalar_type(),
+                "; supported: float32, bfloat16, float16");
+    TORCH_CHECK(g.layout() == at::kStrided, "neptune_step_: grads[", i, "] is sparse; Neptune does not support sparse gradients");
+    TORCH_CHECK(p.device().type() == device_type && g.device() == p.device() && m.device() == p.device() &&
+                    v.device() == p.device() && s.device() == p.device(),
+                "neptune_step_: params[", i, "], its grad, exp_avg, exp_avg_sq and step must all be on one ",
+                c10::DeviceTypeName(device_type), " device; got ", p.device(), ", ", g.device(), ", ", m.device(),
+                ", ", v.device(), ", ", s.device());
+    TORCH_CHECK(g.scalar_type() == p.scalar_type(), "neptune_step_: grads[", i, "] has dtype ", g.scalar_type(),
+                " but its param has ", p.scalar_type());
+    TORCH_CHECK(m.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+                "neptune_step_: exp_avgs[", i, "] and exp_avg_sqs[", i, "] must be float32 (state is fp32 for every param dtype)");
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == 1, "neptune_step_: steps[", i, "] must be a float32 scalar tensor");
+    TORCH_CHECK(g.sizes() == p.sizes() && m.sizes() == p.sizes() && v.sizes() == p.sizes(),
+                "neptune_step_: params[", i, "] has shape ", p.sizes(), " but grad ", g.sizes(), ", exp_avg ",
+                m.sizes(), ", exp_avg_sq ", v.sizes());
+    if (p.numel() == 0) continue;
+    TORCH_CHECK(units_are_spans(p), "neptune_step_: params[", i, "] with shape ", p.sizes(), " and strides ",
+                p.strides(), " is not dense with dim 0 outermost; make it contiguous");
+    TORCH_CHECK(g.strides() == p.strides() && m.strides() == p.strides() && v.strides() == p.strides(),
+                "neptune_step_: params[", i, "] has strides ", p.strides(), " but grad ", g.strides(), ", exp_avg ",
+                m.strides(), ", exp_avg_sq ", v.strides(), "; they must match");
+  }
+}
+
+inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name, c10::DeviceType device_type) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat,
+              "neptune_step_: ", name, " must be a float32 tensor with one element, got ", t->scalar_type(), " with ",
+              t->numel(), " elements");
+  TORCH_CHECK(t->device().type() == device_type, "neptune_step_: ", name, " must be on the ",
+              c10::DeviceTypeName(device_type), " device like the params, got ", t->device());
+}
+
+// Per-tensor constants for step number t (the incremented step), from host scalars.
+inline StepConsts step_consts(const Hyper& h, double t, float gmul) {
+  StepConsts c;
+  c.beta1 = (float)h.beta1;
+  c.one_minus_beta1 = (float)(1.0 - h.beta1);
+  c.beta2 = (float)h.beta2;
+  c.one_minus_beta2 = (float)(1.0 - h.beta2);
+  c.bc1 = (float)(1.0 - std::pow(h.beta1, t));
+  c.bc2 = (float)(1.0 - std::pow(h.beta2, t));
+  c.eps = (float)h.eps;
+  c.lr = (float)h.lr;
+  c.decay = (float)(1.0 - h.lr * h.weight_decay);
+  c.gmul = gmul;
+  c.clip = (float)h.clip;
+  c.cautious = h.cautious ? 1 : 0;
+  return c;
+}
+
+}  // namespace neptune

@@ -1,0 +1,92 @@
+// The Neptune rule (shared/NEPTUNE_SPEC.md) as register-level functions, shared by the
+// CPU and CUDA kernels. No torch, no memory traversal: callers own the loops.
+// Each function mirrors one line of the spec so that the kernels read like it.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define NEPTUNE_HD __host__ __device__ __forceinline__
+#define NEPTUNE_SQRTF sqrtf
+#else
+#define NEPTUNE_HD static inline __attribute__((always_inline))
+#define NEPTUNE_SQRTF __builtin_sqrtf
+#endif
+
+namespace neptune {
+
+// Param (and grad) storage types; state is always float32.
+enum ParamDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Floors from the spec.
+constexpr float kWNormFloor = 1e-3f;
+constexpr float kGNormFloor = 1e-6f;
+constexpr float kRhoFloor = 1e-3f;
+
+NEPTUNE_HD float fmax_(float a, float b) { return a > b ? a : b; }
+NEPTUNE_HD float fmin_(float a, float b) { return a < b ? a : b; }
+
+// Everything one tensor's step needs, computed once per tensor per step.
+struct StepConsts {
+  float beta1, one_minus_beta1;
+  float beta2, one_minus_beta2;
+  float bc1, bc2;        // 1 - beta^t
+  float eps;
+  float lr;
+  float decay;           // 1 - lr * weight_decay
+  float gmul;            // -1 if maximize, times 1/grad_scale
+  float clip;            // 0 turns clipping off
+  int cautious;
+};
+
+// Gradient as the rule sees it: sign for maximize, unscaled for a GradScaler.
+NEPTUNE_HD float grad_in(float g, const StepConsts& c) { return g * c.gmul; }
+
+// 1. unit-wise adaptive gradient clipping factor from the unit's squared norms.
+NEPTUNE_HD float clip_factor(float w_sq, float g_sq, float clip) {
+  if (!(clip > 0.f)) return 1.f;
+  const float w_norm = fmax_(NEPTUNE_SQRTF(w_sq), kWNormFloor);
+  const float g_norm = fmax_(NEPTUNE_SQRTF(g_sq), kGNormFloor);
+  return fmin_(1.f, clip * w_norm / g_norm);
+}
+
+// 2. moments, in place.
+NEPTUNE_HD void update_moments(float g, float& m, float& v, const StepConsts& c) {
+  m = c.beta1 * m + c.one_minus_beta1 * g;
+  v = c.beta2 * v + c.one_minus_beta2 * g * g;
+}
+
+// 2. Adam direction from the updated moments.
+NEPTUNE_HD float adam_direction(float m, float v, const StepConsts& c) {
+  return (m / c.bc1) / (NEPTUNE_SQRTF(v / c.bc2) + c.eps);
+}
+
+// 3. cautious mask: momentum agrees with this gradient / the element got a gradient.
+NEPTUNE_HD int agrees(float m, float g) { return m * g > 0.f; }
+NEPTUNE_HD int active(float g) { return g != 0.f; }
+
+// 3. max(rho, floor) from the unit's counts; 1 when the mask is off.
+NEPTUNE_HD float rho_floor(int64_t n_agree, int64_t n_active, int cautious) {
+  if (!cautious) return 1.f;
+  const float rho = (float)n_agree / (float)(n_active > 1 ? n_active : 1);
+  return fmax_(rho, kRhoFloor);
+}
+
+// 4. decoupled weight decay, then the (masked, renormalised) step.
+NEPTUNE_HD float new_weight(float w, float u, int keep, float rho, const StepConsts& c) {
+  const float decayed = w * c.decay;
+  return keep ? decayed - c.lr * (u / rho) : decayed;
+}
+
+// Whole element, for a unit whose clip factor s and rho are known: g is the raw
+// gradient value (already converted to float). Updates m, v; returns the new weight.
+NEPTUNE_HD float element_step(float w, float graw, float& m, float& v, float s, float rho,
+                              const StepConsts& c) {
+  const float g = grad_in(graw, c) * s;
+  update_moments(g, m, v, c);
+  const float u = adam_direction(m, v, c);
+  const int keep = c.cautious ? agrees(m, g) : 1;
+  return new_weight(w, u, keep, rho, c);
+}
+
+}  // namespace neptune

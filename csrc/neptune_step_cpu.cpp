@@ -1,0 +1,191 @@
+// CPU implementation of neptune_ext::neptune_step_: validation, step counters, the work
+// plan and the threading. The per-ISA kernels (neptune_step_cpu_kernel.h) walk memory.
+//
+// Plan: units no longer than kCpuChunk are stepped whole by one thread while in cache
+// (one pass over DRAM); consecutive units are packed into tasks of similar size and the
+// tasks spread over threads. Longer units (large 1-D tensors) are split into fixed
+// chunks: per-chunk norm partials and agreement counts, summed in chunk order, then a
+// streaming update. Results depend on the inputs alone, not on the thread count.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "neptune_checks.h"
+#include "neptune_step_cpu.h"
+
+namespace neptune {
+namespace {
+
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+         __builtin_cpu_supports("bmi2");
+}
+
+// The best kernel set this CPU runs; NEPTUNE_CPU_ISA=scalar|avx2|avx512 picks one (for
+// tests and benchmarks). Read at every call so a process can compare them.
+const CpuKernels& cpu_kernels() {
+  const char* want = std::getenv("NEPTUNE_CPU_ISA");
+  if (want != nullptr && *want != '\0') {
+    if (std::strcmp(want, "scalar") == 0) return cpu_kernels_scalar();
+    if (std::strcmp(want, "avx2") == 0) {
+      TORCH_CHECK(cpu_has_avx2(), "NEPTUNE_CPU_ISA=avx2 but this CPU lacks AVX2/FMA/F16C");
+      return cpu_kernels_avx2();
+    }
+    if (std::strcmp(want, "avx512") == 0) {
+      TORCH_CHECK(cpu_has_avx512(), "NEPTUNE_CPU_ISA=avx512 but this CPU lacks AVX-512 F/BW/VL/DQ");
+      return cpu_kernels_avx512();
+    }
+    TORCH_CHECK_VALUE(false, "NEPTUNE_CPU_ISA must be scalar, avx2 or avx512 (or unset), got '", want, "'");
+  }
+  if (cpu_has_avx512()) return cpu_kernels_avx512();
+  if (cpu_has_avx2()) return cpu_kernels_avx2();
+  return cpu_kernels_scalar();
+}
+
+struct Task {
+  int32_t tensor;
+  int64_t unit_begin, unit_end;
+};
+
+void step_long_unit(const CpuKernels& k, const CpuTensorArgs& a, int64_t b, int64_t e) {
+  const int64_t n_chunks = (e - b + kCpuChunk - 1) / kCpuChunk;
+  float s = 1.f;
+  if (a.c.clip > 0.f) {
+    std::vector<float> partial(2 * n_chunks);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t cb = b + c * kCpuChunk, ce = std::min(cb + kCpuChunk, e);
+        k.norms(a, cb, ce, &partial[2 * c], &partial[2 * c + 1]);
+      }
+    });
+    float w_sq = 0.f, g_sq = 0.f;
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      w_sq += partial[2 * c];
+      g_sq += partial[2 * c + 1];
+    }
+    s = clip_factor(w_sq, g_sq, a.c.clip);
+  }
+  float rho = 1.f;
+  if (a.c.cautious) {
+    std::vector<int64_t> partial(2 * n_chunks, 0);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t cb = b + c * kCpuChunk, ce = std::min(cb + kCpuChunk, e);
+        k.counts(a, cb, ce, s, &partial[2 * c], &partial[2 * c + 1]);
+      }
+    });
+    int64_t n_agree = 0, n_active = 0;
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      n_agree += partial[2 * c];
+      n_active += partial[2 * c + 1];
+    }
+    rho = rho_floor(n_agree, n_active, 1);
+  }
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t cb = b + c0 * kCpuChunk, ce = std::min(b + c1 * kCpuChunk, e);
+    k.update(a, cb, ce, s, rho);
+  });
+}
+
+void neptune_step_cpu_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList steps, const Hyper& h,
+                           const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf) {
+  check_hyper(h);
+  check_lists(params, grads, exp_avgs, exp_avg_sqs, steps, c10::DeviceType::CPU);
+  check_scalar_tensor(grad_scale, "grad_scale", c10::DeviceType::CPU);
+  check_scalar_tensor(found_inf, "found_inf", c10::DeviceType::CPU);
+  const CpuKernels& k = cpu_kernels();  // may throw for a bad NEPTUNE_CPU_ISA: before any write
+
+  // A step with found_inf set changes nothing, `step` included.
+  if (found_inf.has_value() && found_inf->item<float>() != 0.f) return;
+  float gmul = h.maximize ? -1.f : 1.f;
+  if (grad_scale.has_value()) gmul /= grad_scale->item<float>();
+
+  const int64_t n = (int64_t)params.size();
+  std::vector<CpuTensorArgs> args(n);
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    float* step = steps[i].data_ptr<float>();
+    *step += 1.f;
+    const at::Tensor& p = params[i];
+    CpuTensorArgs& a = args[i];
+    a.w = p.data_ptr();
+    a.g = grads[i].data_ptr();
+    a.m = exp_avgs[i].data_ptr<float>();
+    a.v = exp_avg_sqs[i].data_ptr<float>();
+    a.numel = p.numel();
+    a.unit_len = unit_len_of(p);
+    a.dtype = param_dtype_code(p.scalar_type());
+    a.c = step_consts(h, (double)*step, gmul);
+    total += a.numel;
+  }
+  if (total == 0) return;
+
+  // Pack whole in-cache units into tasks of about `target` elements: enough tasks to
+  // balance the threads, big enough that scheduling costs nothing.
+  const int64_t threads = at::get_num_threads();
+  const int64_t target = std::max<int64_t>(4096, std::min<int64_t>(1 << 18, total / (threads * 8) + 1));
+  std::vector<Task> tasks;
+  std::vector<int32_t> long_tensors;
+  for (int64_t i = 0; i < n; ++i) {
+    const CpuTensorArgs& a = args[i];
+    if (a.numel == 0) continue;
+    if (a.unit_len > kCpuChunk) {
+      long_tensors.push_back((int32_t)i);
+      continue;
+    }
+    const int64_t n_units = a.numel / a.unit_len;
+    const int64_t per_task = std::max<int64_t>(1, target / a.unit_len);
+    for (int64_t u = 0; u < n_units; u += per_task)
+      tasks.push_back({(int32_t)i, u, std::min(u + per_task, n_units)});
+  }
+  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) k.units(args[tasks[t].tensor], tasks[t].unit_begin, tasks[t].unit_end);
+  });
+  for (int32_t i : long_tensors) {
+    const CpuTensorArgs& a = args[i];
+    for (int64_t b = 0; b < a.numel; b += a.unit_len) step_long_unit(k, a, b, b + a.unit_len);
+  }
+}
+
+void neptune_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
+                      double weight_decay, double eps, double clip, bool cautious, bool maximize,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  neptune_step_cpu_impl(params, grads, exp_avgs, exp_avg_sqs, steps,
+                        Hyper{lr, beta1, beta2, weight_decay, eps, clip, cautious, maximize}, grad_scale, found_inf);
+}
+
+void neptune_step_cpu_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr,
+                                double beta1, double beta2, double weight_decay, double eps, double clip,
+                                bool cautious, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(lr.numel() == 1, "neptune_step_: lr must be a float or a tensor with one element, got ", lr.numel(),
+              " elements");
+  neptune_step_cpu(params, grads, exp_avgs, exp_avg_sqs, steps, lr.item<double>(), beta1, beta2, weight_decay, eps,
+                   clip, cautious, maximize, grad_scale, found_inf);
+}
+
+std::string cpu_isa() { return cpu_kernels().isa; }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(neptune_ext, CPU, m) {
+  m.impl("neptune_step_", &neptune_step_cpu);
+  m.impl("neptune_step_.tensor_lr", &neptune_step_cpu_tensor_lr);
+}
+
+// Which CPU kernel set (scalar, avx2, avx512) a step would run now.
+TORCH_LIBRARY_FRAGMENT(neptune_ext, m) { m.def("cpu_isa() -> str", &cpu_isa); }
+
+}  // namespace neptune

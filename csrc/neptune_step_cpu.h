@@ -1,0 +1,45 @@
+// Interface between the CPU operator (torch side, neptune_step_cpu.cpp) and the
+// per-instruction-set kernels (neptune_step_cpu_kernel.h compiled once per ISA).
+// Plain structs only: the ISA files include no torch headers.
+#pragma once
+
+#include <stdint.h>
+
+#include "neptune_math.h"
+
+namespace neptune {
+
+// One tensor of the list, as raw memory: a unit is `unit_len` contiguous elements.
+struct CpuTensorArgs {
+  void* w;          // param, `dtype`
+  const void* g;    // grad, `dtype`
+  float* m;         // exp_avg
+  float* v;         // exp_avg_sq
+  int64_t numel;
+  int64_t unit_len;
+  int dtype;        // ParamDtype
+  StepConsts c;
+};
+
+// Units up to this length are stepped whole by one thread while in cache
+// (fp32: 16 B per element, so 512 KiB, half a typical L2); longer ones are split into
+// chunks of this size across threads with deterministic per-chunk partials.
+constexpr int64_t kCpuChunk = 32768;
+
+struct CpuKernels {
+  const char* isa;
+  // Whole units [unit_begin, unit_end) of one tensor, each unit_len <= kCpuChunk.
+  void (*units)(const CpuTensorArgs& t, int64_t unit_begin, int64_t unit_end);
+  // Pieces of one long unit, over elements [b, e):
+  void (*norms)(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq);
+  void (*counts)(const CpuTensorArgs& t, int64_t b, int64_t e, float s, int64_t* n_agree,
+                 int64_t* n_active);
+  void (*update)(const CpuTensorArgs& t, int64_t b, int64_t e, float s, float rho);
+};
+
+// Defined in neptune_step_cpu_{scalar,avx2,avx512}.cpp.
+const CpuKernels& cpu_kernels_scalar();
+const CpuKernels& cpu_kernels_avx2();
+const CpuKernels& cpu_kernels_avx512();
+
+}  // namespace neptune

@@ -1,0 +1,18 @@
+"""neptune_ext: the Neptune optimizer as one fused CPU/CUDA operator.
+
+    from neptune_ext import Neptune
+    opt = Neptune(model.parameters(), lr=1e-3)   # in place of torch.optim.AdamW
+"""
+from .ops import build_info, has_kernel, neptune_step_
+from .optimizer import Neptune
+from .reference import neptune_step_reference, neptune_step_reference_multi
+
+__all__ = [
+    "Neptune",
+    "build_info",
+    "has_kernel",
+    "neptune_step_",
+    "neptune_step_reference",
+    "neptune_step_reference_multi",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,126 @@
+"""Loading of the compiled extensions, thin wrappers around the operator, and what was built.
+
+The operator is ``torch.ops.neptune_ext.neptune_step_`` (schema in csrc/neptune_ops.cpp),
+with a CPU kernel in ``neptune_ext._C`` and a CUDA kernel in ``neptune_ext._C_cuda``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+OP_NAME = "neptune_ext::neptune_step_"
+REBUILD_HINT = (
+    "rebuild from the source checkout with `pip install --no-build-isolation -e .` "
+    "(for CUDA: nvcc and a CUDA build of torch, or NEPTUNE_BUILD_CUDA=1 to insist)"
+)
+# Set to 1 to turn the fallback-to-reference warning into an error.
+REQUIRE_KERNEL_ENV = "NEPTUNE_REQUIRE_KERNEL"
+
+_load_errors: dict[str, str] = {}
+
+
+def _load(module: str) -> bool:
+    try:
+        importlib.import_module(f"neptune_ext.{module}")
+        return True
+    except ImportError as e:  # missing or unloadable .so: reported by build_info()
+        _load_errors[module] = str(e)
+        return False
+
+
+def _built() -> dict:
+    try:
+        from ._build_info import BUILD_INFO
+
+        return dict(BUILD_INFO)
+    except ImportError:
+        return {"cpu": False, "cuda": False, "note": "neptune_ext/_build_info.py missing: not built by setup.py"}
+
+
+HAS_CPU_EXT = _load("_C")
+HAS_CUDA_EXT = _load("_C_cuda") if (_built().get("cuda") and torch.version.cuda) else False
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether a compiled kernel for this device type ('cpu', 'cuda', ...) is registered."""
+    if not HAS_CPU_EXT:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, key)
+
+
+def build_info() -> dict:
+    """What was built (CPU, CUDA, arch list, torch version) and what loaded here."""
+    info = _built()
+    info["cpu_kernel_loaded"] = has_kernel("cpu")
+    info["cuda_kernel_loaded"] = has_kernel("cuda")
+    info["cpu_isa"] = torch.ops.neptune_ext.cpu_isa() if HAS_CPU_EXT else None
+    info["torch_version_now"] = torch.__version__
+    if _load_errors:
+        info["load_errors"] = dict(_load_errors)
+    return info
+
+
+def describe_build() -> str:
+    i = build_info()
+    parts = [f"CPU kernel {'loaded' if i['cpu_kernel_loaded'] else 'missing'}"]
+    if i.get("cuda"):
+        parts.append(f"CUDA kernel {'loaded' if i['cuda_kernel_loaded'] else 'missing'} (archs {i.get('cuda_arch_list')})")
+    else:
+        parts.append("CUDA extension not built")
+    if "torch_version" in i:
+        parts.append(f"built against torch {i['torch_version']}, running {i['torch_version_now']}")
+    if "load_errors" in i:
+        parts.append(f"load errors: {i['load_errors']}")
+    if "note" in i:
+        parts.append(i["note"])
+    return "; ".join(parts)
+
+
+def neptune_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    clip: float,
+    cautious: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One Neptune step on lists of tensors, in place (params, exp_avgs, exp_avg_sqs, steps)."""
+    op = torch.ops.neptune_ext.neptune_step_
+    overload = op.tensor_lr if isinstance(lr, Tensor) else op.default
+    overload(
+        params, grads, exp_avgs, exp_avg_sqs, steps,
+        lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, clip=clip,
+        cautious=cautious, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+if HAS_CPU_EXT:
+    # In-place op with no outputs: its fake (meta) implementation has nothing to compute.
+    @torch.library.register_fake(OP_NAME)
+    def _neptune_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2,
+                           weight_decay, eps, clip, cautious, maximize, grad_scale=None, found_inf=None):
+        return None
+
+    @torch.library.register_fake(OP_NAME + ".tensor_lr")
+    def _neptune_step_tensor_lr_fake(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2,
+                                     weight_decay, eps, clip, cautious, maximize, grad_scale=None, found_inf=None):
+        return None
+
+
+def require_kernel() -> bool:
+    return os.environ.get(REQUIRE_KERNEL_ENV, "").strip().lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,204 @@
+"""Neptune as a torch.optim.Optimizer: groups tensors and calls the fused operator."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import ops
+from .reference import neptune_step_reference_multi
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_IMPLEMENTATIONS = ("auto", "op", "reference")
+_warned_devices: set[str] = set()
+
+
+def _check_range(name: str, value: Any, ok: bool, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"Neptune: invalid {name}={value!r}; valid range: {valid}")
+
+
+def validate_hyperparameters(group: dict) -> None:
+    """Raise ValueError naming the parameter, its value and the valid range."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        _check_range("lr", lr, lr.numel() == 1 and lr.is_floating_point(), "a float or a one-element float tensor >= 0")
+        lr_value = float(lr)
+    else:
+        lr_value = lr
+    _check_range("lr", lr, isinstance(lr_value, (int, float)) and lr_value >= 0, ">= 0")
+    betas = group["betas"]
+    _check_range("betas", betas, isinstance(betas, (tuple, list)) and len(betas) == 2, "a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        _check_range(f"betas[{i}]", b, isinstance(b, (int, float)) and 0.0 <= b < 1.0, "[0, 1)")
+    _check_range("eps", group["eps"], isinstance(group["eps"], (int, float)) and group["eps"] > 0, "> 0")
+    wd = group["weight_decay"]
+    _check_range("weight_decay", wd, isinstance(wd, (int, float)) and wd >= 0, ">= 0")
+    clip = group["clip"]
+    _check_range("clip", clip, isinstance(clip, (int, float)) and clip >= 0, ">= 0 (0 turns clipping off)")
+    for flag in ("cautious", "maximize"):
+        _check_range(flag, group[flag], isinstance(group[flag], bool), "True or False")
+    impl = group["implementation"]
+    _check_range("implementation", impl, impl in _IMPLEMENTATIONS, " | ".join(_IMPLEMENTATIONS))
+
+
+class Neptune(Optimizer):
+    """Adam-family optimizer with unit-wise adaptive gradient clipping, a cautious
+    sign-agreement mask and decoupled weight decay (shared/NEPTUNE_SPEC.md).
+
+    A drop-in for ``torch.optim.AdamW``: with ``clip=0`` and ``cautious=False`` it is AdamW.
+    A unit is one row ``p[i]`` of a parameter with ``ndim >= 2`` (an output channel or
+    neuron), or the whole of a parameter with ``ndim <= 1``.
+
+    Args:
+        params: parameters or param groups.
+        lr: step size, >= 0; a float or a one-element tensor (read at every step, so LR
+            schedulers work as with AdamW).
+        betas: moment decay rates, each in [0, 1).
+        eps: denominator guard, > 0.
+        weight_decay: decoupled decay, scaled by lr, >= 0.
+        clip: adaptive gradient clipping threshold; 0 turns clipping off.
+        cautious: apply the sign-agreement mask.
+        maximize: ascend instead of descend.
+        implementation: "auto" (the compiled operator where one is built for the device,
+            else the reference with a warning; NEPTUNE_REQUIRE_KERNEL=1 makes that an
+            error), "op" (the operator or an error) or "reference" (pure PyTorch).
+
+    State per parameter: ``step`` (float32 scalar on the param's device), ``exp_avg`` and
+    ``exp_avg_sq`` (float32 whatever the param dtype).
+    """
+
+    # GradScaler passes grad_scale / found_inf; unscaling happens inside the operator.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        clip: float = 0.1,
+        cautious: bool = True,
+        maximize: bool = False,
+        *,
+        implementation: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip,
+            cautious=cautious, maximize=maximize, implementation=implementation,
+        )
+        validate_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        validate_hyperparameters({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("implementation", "auto")
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _init_group(self, group: dict) -> tuple[list, list, list, list, list]:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Neptune does not support sparse gradients (use dense gradients, e.g. sparse=False in nn.Embedding)")
+            if torch.is_complex(p):
+                raise RuntimeError("Neptune does not support complex parameters (view them as real with torch.view_as_real)")
+            if p.dtype not in SUPPORTED_DTYPES and group["implementation"] != "reference":
+                raise TypeError(
+                    f"Neptune supports float32, bfloat16 and float16 params, got {p.dtype}; "
+                    "use implementation='reference' for other dtypes"
+                )
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, steps
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As Optimizer.load_state_dict, but state stays float32 whatever the param dtype
+        (torch's default casts it to the param's dtype, which would round fp32 moments of
+        bf16 params to bf16) and lives on the param's device, `step` included."""
+        saved = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id not in saved:
+                continue
+            for key, value in saved[saved_id].items():
+                if key in ("step", "exp_avg", "exp_avg_sq") and isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
+    # -- step ----------------------------------------------------------------------------
+
+    def _use_op(self, device: torch.device, implementation: str) -> bool:
+        if implementation == "reference":
+            return False
+        if ops.has_kernel(device.type):
+            return True
+        message = (
+            f"neptune_ext: no compiled Neptune kernel for device '{device.type}' "
+            f"({ops.describe_build()}); {ops.REBUILD_HINT}."
+        )
+        if implementation == "op" or ops.require_kernel():
+            raise RuntimeError(message + f" ({ops.REQUIRE_KERNEL_ENV}=1 or implementation='op' forbids the fallback)")
+        if device.type not in _warned_devices:
+            _warned_devices.add(device.type)
+            warnings.warn(
+                message + f" Falling back to the slow pure-PyTorch reference; set {ops.REQUIRE_KERNEL_ENV}=1 to make this an error.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Set by torch.amp.GradScaler for optimizers with _step_supports_amp_scaling.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+
+        # Collect (and validate) every group before anything is written.
+        collected = [(group, self._init_group(group)) for group in self.param_groups]
+        for group, lists in collected:
+            if not lists[0]:
+                continue
+            hyper = dict(
+                lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                weight_decay=group["weight_decay"], eps=group["eps"], clip=group["clip"],
+                cautious=group["cautious"], maximize=group["maximize"],
+            )
+            grouped = Optimizer._group_tensors_by_device_and_dtype(list(lists))
+            for (device, _dtype), (tensors, _) in grouped.items():
+                scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
+                inf = found_inf.to(device, non_blocking=True) if found_inf is not None else None
+                lr = hyper["lr"]
+                if isinstance(lr, Tensor) and lr.device != device and device.type != "cpu":
+                    lr = lr.to(device)
+                kw = dict(hyper, lr=lr, grad_scale=scale, found_inf=inf)
+                if self._use_op(device, group["implementation"]):
+                    ops.neptune_step_(*tensors, **kw)
+                else:
+                    neptune_step_reference_multi(*tensors, **kw)
+        return loss

@@ -1,0 +1,139 @@
+"""Build neptune_ext: the CPU extension always, the CUDA extension when it can be built.
+
+Environment:
+  NEPTUNE_BUILD_CUDA=1|0   force the CUDA extension on (fail if impossible) or off;
+                           unset: build it when nvcc and a CUDA build of torch are present.
+  TORCH_CUDA_ARCH_LIST     architectures to build for; unset and no GPU visible: "8.0;9.0".
+  CUDA_HOME                toolkit root; unset: resolved from the real nvcc behind PATH.
+  MAX_JOBS                 parallel compile jobs (ninja).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def _toolkit_root(path: str) -> str | None:
+    ok = os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")) and os.path.isfile(
+        os.path.join(path, "bin", "nvcc")
+    )
+    return path if ok else None
+
+
+def resolve_cuda_home() -> str | None:
+    """CUDA_HOME, or the toolkit behind `nvcc` on PATH.
+
+    The nvcc on PATH may be a wrapper script (then torch would guess CUDA_HOME=/usr/local
+    and fail to link -lcudart): follow what the script executes.
+    """
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:
+            if os.path.getsize(real) < 65536:
+                with open(real, errors="ignore") as f:
+                    candidates += re.findall(r"(/[^\s\"']+)/bin/nvcc", f.read())
+        except OSError:
+            pass
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if _toolkit_root(c):
+            return c
+    return None
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("NEPTUNE_BUILD_CUDA", "").strip().lower()
+    if flag in ("0", "false", "off", "no"):
+        return False
+    import torch
+
+    possible = torch.version.cuda is not None and resolve_cuda_home() is not None
+    if flag in ("1", "true", "on", "yes"):
+        if not possible:
+            sys.exit(
+                "NEPTUNE_BUILD_CUDA=1 but the CUDA extension cannot be built: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit={resolve_cuda_home()!r} "
+                "(set CUDA_HOME to the toolkit root)"
+            )
+        return True
+    return possible
+
+
+def main() -> None:
+    cuda_home = resolve_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
+    build_cuda = want_cuda()
+
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected GPU") if build_cuda else ""
+
+    # -ffp-contract=off: the scalar, AVX2 and AVX-512 kernels give bitwise the same result.
+    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno"]
+    cpu_sources = [
+        "neptune_ops.cpp",
+        "neptune_step_cpu.cpp",
+        "neptune_step_cpu_scalar.cpp",
+        "neptune_step_cpu_avx2.cpp",
+        "neptune_step_cpu_avx512.cpp",
+    ]
+    ext_modules = [
+        CppExtension(
+            "neptune_ext._C",
+            [os.path.join(CSRC, s) for s in cpu_sources],
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+    if build_cuda:
+        ext_modules.append(
+            CUDAExtension(
+                "neptune_ext._C_cuda",
+                [os.path.join(CSRC, "neptune_step_cuda_register.cpp"), os.path.join(CSRC, "neptune_step_cuda.cu")],
+                extra_compile_args={
+                    "cxx": ["-O3", "-g0"],
+                    "nvcc": ["-O3", "-lineinfo"],
+                },
+            )
+        )
+
+    with open(os.path.join(ROOT, "neptune_ext", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(
+            "BUILD_INFO = "
+            + repr(
+                {
+                    "cpu": True,
+                    "cuda": build_cuda,
+                    "cuda_arch_list": arch_list,
+                    "cuda_home": cuda_home if build_cuda else None,
+                    "torch_version": torch.__version__,
+                    "torch_cuda_version": torch.version.cuda,
+                }
+            )
+            + "\n"
+        )
+
+    setup(
+        ext_modules=ext_modules,
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+main()
