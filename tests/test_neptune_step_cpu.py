@@ -1,0 +1,255 @@
+"""The CPU operator against the reference, and its own contract (validation, determinism)."""
+import os
+
+import pytest
+import torch
+
+import neptune_ext
+from neptune_ext import neptune_step_, neptune_step_reference_multi
+from neptune_inputs import (
+    LONG_SHAPES, SHAPES, assert_param_close, assert_state_close, clone_all, make_case, make_grads,
+)
+
+pytestmark = pytest.mark.skipif(not neptune_ext.has_kernel("cpu"), reason="CPU extension not built")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, clip=0.1, cautious=True, maximize=False)
+
+
+def _supported_isas():
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    isas = ["scalar"]
+    if all(f in flags for f in (" avx2", " fma", " f16c", " bmi2")):
+        isas.append("avx2")
+    if all(f in flags for f in (" avx512f", " avx512bw", " avx512vl", " avx512dq")):
+        isas.append("avx512")
+    return isas
+
+
+ISAS = _supported_isas()
+
+
+@pytest.fixture
+def isa(request, monkeypatch):
+    monkeypatch.setenv("NEPTUNE_CPU_ISA", request.param)
+    assert torch.ops.neptune_ext.cpu_isa() == request.param
+    return request.param
+
+
+def _compare_steps(shapes, dtype, hyper, n_steps=3, seed=0, grad_scale=None):
+    """Several steps; each one compared against the reference run from the op's state."""
+    gs_value = 1.0 if grad_scale is None else grad_scale
+    P, G, M, V, S = make_case(shapes, dtype, seed=seed, clip=hyper["clip"], beta1=hyper["beta1"],
+                              maximize=hyper["maximize"], grad_scale=gs_value)
+    gen = torch.Generator().manual_seed(seed + 1)
+    scale_t = None if grad_scale is None else torch.tensor(float(grad_scale))
+    for step in range(n_steps):
+        if step > 0:
+            G = make_grads(P, M, clip=hyper["clip"], beta1=hyper["beta1"], maximize=hyper["maximize"],
+                           grad_scale=gs_value, generator=gen)
+        rP, rM, rV, rS = clone_all([P, M, V, S])
+        neptune_step_(P, G, M, V, S, **hyper, grad_scale=scale_t)
+        neptune_step_reference_multi(rP, G, rM, rV, rS, **hyper, grad_scale=scale_t)
+        for i in range(len(P)):
+            what = f"step {step} tensor {i} shape {tuple(P[i].shape)} {dtype}"
+            assert_param_close(P[i], rP[i], "param " + what)
+            assert_state_close(M[i], rM[i], "exp_avg " + what)
+            assert_state_close(V[i], rV[i], "exp_avg_sq " + what)
+            assert S[i].item() == rS[i].item()
+    return P
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"cautious": False},
+        {"clip": 0.0},
+        {"clip": 0.0, "cautious": False},
+        {"maximize": True},
+        {"clip": 0.02, "weight_decay": 0.0, "beta1": 0.0},
+    ],
+    ids=["default", "no-mask", "no-clip", "adamw", "maximize", "hard-clip"],
+)
+def test_op_matches_reference(isa, dtype, variant):
+    _compare_steps(SHAPES, dtype, {**HYPER, **variant})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_units_match_reference(dtype):
+    # Units longer than the in-cache limit take the chunked path.
+    _compare_steps(LONG_SHAPES, dtype, HYPER, n_steps=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_scale_unscales_inside(dtype):
+    _compare_steps(SHAPES, dtype, HYPER, n_steps=2, grad_scale=1024.0)
+
+
+def test_every_element_written():
+    # Every element of a unit with a gradient must be written: M and V always change; a
+    # weight may land on its old value by coincidence, but then so does the reference's.
+    P, G, M, V, S = make_case(SHAPES + LONG_SHAPES, torch.float32, zero_frac=0.0)
+    before = clone_all([P, M, V])
+    rP, rM, rV, rS = clone_all([P, M, V, S])
+    hyper = {**HYPER, "cautious": False}
+    neptune_step_(P, G, M, V, S, **hyper)
+    neptune_step_reference_multi(rP, G, rM, rV, rS, **hyper)
+    for name, old, new, ref in zip("PMV", before, [P, M, V], [rP, rM, rV]):
+        for i, (a, b, r) in enumerate(zip(old, new, ref)):
+            live = G[i] != 0
+            unchanged = (a == b) & live
+            assert torch.equal(unchanged, (a == r) & live), f"{name}[{i}] has unwritten elements"
+            if name != "P":
+                assert not unchanged.any(), f"{name}[{i}] has unwritten elements"
+
+
+def test_isas_give_bitwise_identical_results(monkeypatch):
+    results = []
+    for isa in ISAS:
+        monkeypatch.setenv("NEPTUNE_CPU_ISA", isa)
+        for dtype in DTYPES:
+            P, G, M, V, S = make_case(SHAPES + LONG_SHAPES, dtype, seed=3)
+            neptune_step_(P, G, M, V, S, **HYPER)
+            results.append((isa, dtype, P, M, V))
+    by_dtype = {}
+    for isa, dtype, *out in results:
+        by_dtype.setdefault(dtype, []).append((isa, out))
+    for dtype, runs in by_dtype.items():
+        (isa0, ref), rest = runs[0], runs[1:]
+        for isa, out in rest:
+            for a_list, b_list in zip(ref, out):
+                for a, b in zip(a_list, b_list):
+                    assert torch.equal(a, b), f"{isa} differs from {isa0} for {dtype}"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_bitwise_reproducible_across_thread_counts(threads):
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            P, G, M, V, S = make_case(SHAPES + LONG_SHAPES + [(300, 300)], torch.float32, seed=5)
+            neptune_step_(P, G, M, V, S, **HYPER)
+            outs.append(P + M + V)
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_found_inf_changes_nothing():
+    P, G, M, V, S = make_case(SHAPES, torch.float32)
+    before = clone_all([P, M, V, S])
+    neptune_step_(P, G, M, V, S, **HYPER, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(1.0))
+    for old, new in zip(before, [P, M, V, S]):
+        for a, b in zip(old, new):
+            assert torch.equal(a, b)
+    neptune_step_(P, G, M, V, S, **HYPER, found_inf=torch.tensor(0.0))
+    assert all(s.item() == 4.0 for s in S)
+
+
+def test_zero_size_tensors_advance_step():
+    P = [torch.empty(0), torch.empty(3, 0)]
+    G = [torch.empty(0), torch.empty(3, 0)]
+    M = [torch.empty(0), torch.empty(3, 0)]
+    V = [torch.empty(0), torch.empty(3, 0)]
+    S = [torch.tensor(0.0), torch.tensor(5.0)]
+    neptune_step_(P, G, M, V, S, **HYPER)
+    assert [s.item() for s in S] == [1.0, 6.0]
+
+
+def test_tensor_lr_equals_float_lr():
+    P, G, M, V, S = make_case(SHAPES, torch.float32)
+    P2, M2, V2, S2 = clone_all([P, M, V, S])
+    hyper = dict(HYPER)
+    neptune_step_(P, G, M, V, S, **hyper)
+    hyper["lr"] = torch.tensor(hyper["lr"])
+    neptune_step_(P2, G, M2, V2, S2, **hyper)
+    for a, b in zip(P + M + V, P2 + M2 + V2):
+        assert torch.equal(a, b)
+
+
+def test_channels_last_param_matches_contiguous():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, generator=gen)
+    g = torch.randn(16, 8, 3, 3, generator=gen) * 0.1
+    cl = [t.to(memory_format=torch.channels_last) for t in (w, g)]
+    outs = []
+    for p, gr in ((w.clone(), g), cl):
+        m = torch.zeros_like(p)
+        v = torch.zeros_like(p)
+        s = torch.tensor(0.0)
+        for _ in range(2):
+            neptune_step_([p], [gr], [m], [v], [s], **HYPER)
+        outs.append(p.contiguous())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+
+
+def _valid_lists():
+    P, G, M, V, S = make_case([(4, 5), (6,)], torch.float32)
+    return P, G, M, V, S
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda L: L[1].pop(), "same length"),
+        (lambda L: L[2].__setitem__(1, L[2][1].double()), "float32"),
+        (lambda L: L[1].__setitem__(1, L[1][1].half()), "dtype"),
+        (lambda L: L[1].__setitem__(1, torch.zeros(7)), "shape"),
+        (lambda L: L[3].__setitem__(1, torch.zeros(6, 1)), "shape"),
+        (lambda L: L[4].__setitem__(1, torch.zeros(2)), "steps"),
+        (lambda L: L[0].__setitem__(1, torch.zeros(6, dtype=torch.int32)), "dtype"),
+        (lambda L: [L[i].__setitem__(1, torch.zeros(6, 2)[:, 0]) for i in (0, 1, 2, 3)], "dense"),
+    ],
+    ids=["length", "state-dtype", "grad-dtype", "grad-shape", "state-shape", "step", "int-param", "strided"],
+)
+def test_invalid_lists_raise_and_change_nothing(mutate, message):
+    lists = list(_valid_lists())
+    mutate(lists)
+    before = clone_all([lists[0], lists[2], lists[4]])
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        neptune_step_(*lists, **HYPER)
+    for old, new in zip(before, [lists[0], lists[2], lists[4]]):
+        for a, b in zip(old, new):
+            assert torch.equal(a, b), "a failed call must not write anything"
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("lr", -1.0, "lr must be >= 0"),
+        ("beta1", 1.0, r"beta1 must be in \[0, 1\)"),
+        ("beta2", -0.5, r"beta2 must be in \[0, 1\)"),
+        ("eps", 0.0, "eps must be > 0"),
+        ("weight_decay", -1e-3, "weight_decay must be >= 0"),
+        ("clip", -0.1, "clip must be >= 0"),
+    ],
+)
+def test_invalid_hyperparameters_raise_value_error(name, value, message):
+    P, G, M, V, S = _valid_lists()
+    with pytest.raises(ValueError, match=message):
+        neptune_step_(P, G, M, V, S, **{**HYPER, name: value})
+    assert all(s.item() == 3.0 for s in S)
+
+
+def test_bad_isa_env_raises(monkeypatch):
+    monkeypatch.setenv("NEPTUNE_CPU_ISA", "sse9")
+    P, G, M, V, S = _valid_lists()
+    with pytest.raises(ValueError, match="NEPTUNE_CPU_ISA"):
+        neptune_step_(P, G, M, V, S, **HYPER)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_opcheck(tensor_lr):
+    P, G, M, V, S = make_case([(4, 5), (7,), (0,)], torch.float32)
+    kwargs = dict(HYPER)
+    op = torch.ops.neptune_ext.neptune_step_.default
+    if tensor_lr:
+        kwargs["lr"] = torch.tensor(kwargs["lr"])
+        op = torch.ops.neptune_ext.neptune_step_.tensor_lr
+    torch.library.opcheck(op, (P, G, M, V, S), kwargs)
