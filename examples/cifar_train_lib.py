@@ -1,0 +1,336 @@
+"""Reusable pieces of the image-classification example and benchmark: data (CIFAR-10 via
+torchvision, or scikit-learn's embedded digits), batched tensor augmentation, a ResNet-9
+style network of configurable width, optimizers with the recommended param groups, a
+warm-up + decay schedule, and the training loop.
+
+Used by examples/train_cifar10.py and bench/bench_training.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from neptune_ext import Neptune
+from neptune_ext.param_groups import param_groups
+
+OPTIMIZERS = ("neptune", "adamw", "sgd")
+DEFAULT_LR = {"neptune": 3e-3, "adamw": 3e-3, "sgd": 0.05}
+DEFAULT_WD = {"neptune": 1e-2, "adamw": 1e-2, "sgd": 5e-4}
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageData:
+    """Whole dataset as tensors: images uint8 NCHW, labels int64."""
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    mean: Tensor  # per channel, in [0, 255] units
+    std: Tensor
+    flip: bool  # horizontal flips preserve the label (CIFAR yes, digits no)
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train_x.shape[-1]
+
+    def to(self, device) -> "ImageData":
+        return ImageData(self.name, self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
+                         self.test_y.to(device), self.num_classes, self.mean.to(device), self.std.to(device), self.flip)
+
+
+def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    xf = x.float()
+    return xf.mean(dim=(0, 2, 3)), xf.std(dim=(0, 2, 3)).clamp_min(1.0)
+
+
+def load_cifar10(data_dir: str, download: bool = False) -> ImageData:
+    """CIFAR-10 through torchvision.datasets.CIFAR10 (which verifies the files' md5s).
+    Raises RuntimeError (not found / corrupted) or OSError (download failed)."""
+    from torchvision.datasets import CIFAR10
+
+    train = CIFAR10(data_dir, train=True, download=download)
+    test = CIFAR10(data_dir, train=False, download=False)
+
+    def tensors(ds):
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW uint8
+        return x, torch.tensor(ds.targets, dtype=torch.int64)
+
+    tx, ty = tensors(train)
+    vx, vy = tensors(test)
+    mean, std = _stats(tx)
+    return ImageData("cifar10", tx, ty, vx, vy, len(train.classes), mean, std, flip=True)
+
+
+def load_digits_data(image_size: int = 16, test_fraction: float = 0.3) -> ImageData:
+    """scikit-learn's embedded digits (1797 8x8 grayscale images, 10 classes), upsampled
+    bilinearly to ``image_size``; a fixed stratified split (seed 0) into train and test."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().unsqueeze(1) * (255.0 / 16.0)  # N,1,8,8 in [0,255]
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8)
+    y = torch.from_numpy(d.target).long()
+    idx_train, idx_test = train_test_split(
+        torch.arange(len(y)).numpy(), test_size=test_fraction, random_state=0, stratify=y.numpy()
+    )
+    tx, ty, vx, vy = x[idx_train], y[idx_train], x[idx_test], y[idx_test]
+    mean, std = _stats(tx)
+    return ImageData("digits", tx, ty, vx, vy, 10, mean, std, flip=False)
+
+
+def get_data(dataset: str, data_dir: str = "data", download: bool = False, log=print) -> ImageData:
+    """``dataset`` "cifar10" or "digits". If CIFAR-10 cannot be had, say so in one line
+    (through ``log``) and return the digits dataset instead."""
+    if dataset == "digits":
+        return load_digits_data()
+    if dataset != "cifar10":
+        raise ValueError(f"unknown dataset {dataset!r}; use cifar10 or digits")
+    try:
+        return load_cifar10(data_dir, download=download)
+    except (RuntimeError, OSError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        hint = "" if download else "; pass --download to fetch it"
+        log(f"CIFAR-10 not available in {os.path.abspath(data_dir)!r} ({reason}){hint}: training on the embedded digits dataset instead")
+        return load_digits_data()
+
+
+def subsample(x: Tensor, y: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """``n`` examples, class-balanced (as far as ``n`` allows), chosen by ``seed``."""
+    if n is None or n >= len(y):
+        return x, y
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(y)
+    per = [torch.nonzero(y == c).flatten() for c in classes]
+    per = [idx[torch.randperm(len(idx), generator=g)] for idx in per]
+    # round-robin over classes so the subset is balanced
+    order = torch.stack([p[i] for i in range(max(map(len, per))) for p in per if i < len(p)])
+    keep = order[:n]
+    return x[keep], y[keep]
+
+
+# -- augmentation (batched, on tensors) -------------------------------------------------
+
+
+def normalize(x: Tensor, data: ImageData) -> Tensor:
+    return (x.float() - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
+
+
+def augment(x: Tensor, pad: int, flip: bool, generator: torch.Generator | None = None) -> Tensor:
+    """Random translation by up to ``pad`` pixels (reflect padding, then a random crop back
+    to the original size, independently per image) and, if ``flip``, random horizontal
+    flips; one gather for the whole batch."""
+    n, c, h, w = x.shape
+    dev = x.device
+    if flip:
+        do = torch.rand(n, generator=generator).to(dev) < 0.5
+        x = torch.where(do.view(n, 1, 1, 1), x.flip(3), x)
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+        rows = (dy.view(n, 1) + torch.arange(h, device=dev)).view(n, 1, h, 1)
+        cols = (dx.view(n, 1) + torch.arange(w, device=dev)).view(n, 1, 1, w)
+        x = xp[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1), rows, cols]
+    return x
+
+
+# -- model ------------------------------------------------------------------------------
+
+
+def conv_bn(cin: int, cout: int) -> nn.Sequential:
+    # no conv bias: BatchNorm follows (a bias there has zero true gradient)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    """ResNet-9 (the Myrtle / airbench family): prep conv, three stages of conv + max-pool
+    (residual blocks after the first and third), global max pool, linear head with a fixed
+    logit scale. ``width`` is the prep width (64 in the original; widths w, 2w, 4w, 8w)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64, logit_scale: float = 0.125):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            conv_bn(in_channels, w),
+            conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
+            conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
+            conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        )
+        self.fc = nn.Linear(8 * w, num_classes)
+        self.logit_scale = logit_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x)) * self.logit_scale
+
+
+# -- optimizer and schedule -------------------------------------------------------------
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float | None = None,
+                   clip: float | None = None, cautious: bool = True, num_classes: int | None = None):
+    """Neptune with the recommended groups; AdamW with the same decay split (no clip);
+    SGD with Nesterov momentum 0.9 and the same decay split. ``weight_decay=None`` takes
+    DEFAULT_WD[name]; ``clip=None`` takes Neptune's default."""
+    wd = DEFAULT_WD[name] if weight_decay is None else weight_decay
+    if name == "neptune":
+        groups = param_groups(model, weight_decay=wd, clip=clip, num_classes=num_classes)
+        kw = {} if clip is None else {"clip": clip}
+        return Neptune(groups, lr=lr, cautious=cautious, **kw)
+    groups = param_groups(model, weight_decay=wd, num_classes=num_classes, for_optimizer="torch")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"unknown optimizer {name!r}; use one of {OPTIMIZERS}")
+
+
+def warmup_decay(optimizer, total_steps: int, warmup_frac: float = 0.2, kind: str = "linear"):
+    """Per-step schedule: linear warm-up from 0 over ``warmup_frac`` of the steps, then
+    linear (or cosine) decay to 0 at ``total_steps``."""
+    warm = max(1, int(round(warmup_frac * total_steps)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 1.0 - t if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- training ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, data: ImageData, batch_size: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        xb = _prepare(normalize(x[i:i + batch_size], data))
+        with _autocast(xb.device):
+            correct += (model(xb).argmax(1) == y[i:i + batch_size]).sum().item()
+    model.train()
+    return correct / max(1, len(y))
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on GPU only; on CPU full float32
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _prepare(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
+
+
+@dataclass
+class RunConfig:
+    optimizer: str = "neptune"
+    lr: float | None = None
+    epochs: int = 10
+    batch_size: int = 256
+    seed: int = 0
+    width: int = 16
+    label_smoothing: float = 0.2
+    warmup_frac: float = 0.2
+    schedule: str = "linear"
+    weight_decay: float | None = None
+    clip: float | None = None  # Neptune only; None = optimizer default
+    cautious: bool = True  # Neptune only
+    train_size: int | None = None
+    eval_train_size: int = 5000  # clean (no augmentation) train accuracy on this many images
+
+
+def train(cfg: RunConfig, data: ImageData, device: str | torch.device = "cpu", progress: bool = False,
+          log=print) -> list[dict]:
+    """Train one model; return per-epoch records: epoch, train_loss and train_acc (running,
+    on augmented batches), train_eval_acc (clean, on up to ``eval_train_size`` training
+    images), test_acc, seconds (cumulative training time, evaluation excluded)."""
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tx, ty = subsample(data.train_x, data.train_y, cfg.train_size, cfg.seed)
+    tx, ty = tx.to(device), ty.to(device)
+    vx, vy = data.test_x.to(device), data.test_y.to(device)
+    ex, ey = tx[: cfg.eval_train_size], ty[: cfg.eval_train_size]
+    data = data.to(device)
+
+    model = ResNet9(data.num_classes, data.in_channels, cfg.width).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    lr = DEFAULT_LR[cfg.optimizer] if cfg.lr is None else cfg.lr
+    opt = make_optimizer(cfg.optimizer, model, lr, cfg.weight_decay, cfg.clip, cfg.cautious, data.num_classes)
+    steps_per_epoch = math.ceil(len(ty) / cfg.batch_size)
+    sched = warmup_decay(opt, cfg.epochs * steps_per_epoch, cfg.warmup_frac, cfg.schedule)
+    pad = max(1, data.image_size // 8)
+
+    history, elapsed = [], 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(ty), generator=gen).to(device)
+        batches = range(steps_per_epoch)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+            batches = bar
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        for b in batches:
+            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            xb = _prepare(augment(normalize(tx[idx], data), pad, data.flip, gen))
+            yb = ty[idx]
+            with _autocast(device):
+                out = model(xb)
+                loss = F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (out.argmax(1) == yb).sum()
+            if bar is not None and b % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed += time.perf_counter() - t0
+        if not math.isfinite(loss_sum.item()):
+            log(f"warning: non-finite loss at epoch {epoch} ({cfg.optimizer}, lr={lr})")
+        history.append(dict(
+            epoch=epoch,
+            train_loss=loss_sum.item() / len(ty),
+            train_acc=correct.item() / len(ty),
+            train_eval_acc=evaluate(model, ex, ey, data),
+            test_acc=evaluate(model, vx, vy, data),
+            seconds=elapsed,
+        ))
+    return history

@@ -1,0 +1,147 @@
+import csv
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+
+import cifar_train_lib as lib  # noqa: E402
+import train_cifar10  # noqa: E402
+
+
+def write_tiny_cifar(root, per_batch=4, test=6):
+    """torchvision's CIFAR-10 layout with a few images per file: image k of a file has
+    every pixel of channel c equal to (10*k + c) and label k % 10."""
+    base = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(base)
+
+    def batch(n, offset):
+        data = np.zeros((n, 3072), dtype=np.uint8)
+        labels = []
+        for k in range(n):
+            img = np.stack([np.full((32, 32), 10 * (k + offset) + c, dtype=np.uint8) for c in range(3)])
+            data[k] = img.reshape(-1)  # CHW flattened, as in the real files
+            labels.append((k + offset) % 10)
+        # the real files are Python 2 pickles: their str keys read back as b"data" with
+        # encoding="bytes" and as "data" with encoding="latin1" (what torchvision uses)
+        return {"data": data, "labels": labels, "batch_label": "x"}
+
+    for i in range(1, 6):
+        with open(os.path.join(base, f"data_batch_{i}"), "wb") as f:
+            pickle.dump(batch(per_batch, (i - 1) * per_batch), f, protocol=2)
+    with open(os.path.join(base, "test_batch"), "wb") as f:
+        pickle.dump(batch(test, 0), f, protocol=2)
+    with open(os.path.join(base, "batches.meta"), "wb") as f:
+        names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch}, f, protocol=2)
+    return root
+
+
+@pytest.fixture
+def skip_md5(monkeypatch):
+    """Our tiny files cannot match the real md5s: bypass only the checksum; the rest is the
+    path a real user takes (torchvision.datasets.CIFAR10 reading the pickles)."""
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+
+
+def test_tiny_cifar_loads_with_right_shapes_and_labels(tmp_path, skip_md5):
+    root = write_tiny_cifar(str(tmp_path))
+    data = lib.load_cifar10(root)
+    assert data.name == "cifar10" and data.num_classes == 10 and data.flip
+    assert data.train_x.shape == (20, 3, 32, 32) and data.train_x.dtype == torch.uint8
+    assert data.test_x.shape == (6, 3, 32, 32)
+    assert data.train_y.tolist() == [k % 10 for k in range(20)]
+    assert data.test_y.tolist() == [0, 1, 2, 3, 4, 5]
+    # HWC -> CHW done right: channel c of image k is 10k + c everywhere
+    for k in (0, 7, 19):
+        for c in range(3):
+            assert (data.train_x[k, c] == 10 * k + c).all()
+    assert data.mean.tolist() == pytest.approx([95.0, 96.0, 97.0])
+    # get_data takes the same path
+    assert lib.get_data("cifar10", root).name == "cifar10"
+
+
+def test_real_cifar_md5_check_is_in_force(tmp_path):
+    """Without the bypass, torchvision rejects the tiny files: the user path verifies md5s."""
+    root = write_tiny_cifar(str(tmp_path))
+    with pytest.raises(RuntimeError, match="not found or corrupted"):
+        lib.load_cifar10(root)
+
+
+def test_missing_cifar_falls_back_to_digits_with_one_line(tmp_path):
+    lines = []
+    data = lib.get_data("cifar10", str(tmp_path / "nothing"), log=lines.append)
+    assert data.name == "digits" and data.in_channels == 1 and data.num_classes == 10
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "CIFAR-10 not available" in lines[0] and "digits" in lines[0] and "--download" in lines[0]
+
+
+def test_augment_shapes_and_translation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    y = lib.augment(x, pad=0, flip=False, generator=g)
+    assert torch.equal(x, y)
+    y = lib.augment(x, pad=2, flip=True, generator=g)
+    assert y.shape == x.shape
+    # every output image is a translated (and maybe flipped) window of its own reflect-padded input
+    xp = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(2):
+        found = any(
+            torch.equal(y[i], w) or torch.equal(y[i], w.flip(2))
+            for dy in range(5) for dx in range(5) for w in [xp[i, :, dy:dy + 8, dx:dx + 8]]
+        )
+        assert found
+
+
+def test_subsample_is_balanced_and_seeded():
+    data = lib.load_digits_data()
+    x1, y1 = lib.subsample(data.train_x, data.train_y, 100, seed=1)
+    x2, y2 = lib.subsample(data.train_x, data.train_y, 100, seed=1)
+    x3, _ = lib.subsample(data.train_x, data.train_y, 100, seed=2)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert torch.bincount(y1, minlength=10).tolist() == [10] * 10
+
+
+def test_one_epoch_digits_run_writes_csv_png_and_summary(tmp_path, capsys):
+    torch.set_num_threads(1)
+    out = train_cifar10.main([
+        "--dataset", "digits", "--epochs", "1", "--train-size", "200", "--batch-size", "50", "--width", "4",
+        "--out-dir", str(tmp_path), "--no-progress",
+    ])
+    printed = capsys.readouterr().out
+    summary = [l for l in printed.splitlines() if l.startswith("summary:")]
+    assert len(summary) == 1
+    assert "optimizer=neptune" in summary[0] and "dataset=digits" in summary[0] and "epochs=1" in summary[0]
+    assert "final_test_acc=" in summary[0] and "best_test_acc=" in summary[0] and "time=" in summary[0]
+    with open(out["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1
+    assert set(train_cifar10.CSV_FIELDS) <= set(rows[0])
+    assert 0.0 <= float(rows[0]["test_acc"]) <= 1.0 and float(rows[0]["train_loss"]) > 0
+    with open(out["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_falls_back_when_cifar_missing(tmp_path):
+    import subprocess
+
+    r = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "train_cifar10.py"), "--data-dir", str(tmp_path / "none"),
+         "--epochs", "1", "--train-size", "50", "--batch-size", "50", "--width", "2", "--threads", "1",
+         "--out-dir", str(tmp_path / "out"), "--no-progress", "--optimizer", "sgd"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert sum("CIFAR-10 not available" in l for l in lines) == 1
+    assert lines[-1].startswith("summary: optimizer=sgd dataset=digits epochs=1")
