@@ -145,3 +145,20 @@ def test_cli_falls_back_when_cifar_missing(tmp_path):
     lines = r.stdout.splitlines()
     assert sum("CIFAR-10 not available" in l for l in lines) == 1
     assert lines[-1].startswith("summary: optimizer=sgd dataset=digits epochs=1")
+
+
+def test_bench_training_quick_writes_report(tmp_path):
+    """The README's demo command: bench/bench_training.py --quick (1 seed, 3 arms)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(EXAMPLES), "bench", "bench_training.py")
+    spec = importlib.util.spec_from_file_location("bench_training", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = bench.main(["--quick", "--epochs", "1", "--width", "2", "--no-progress", "--out-dir", str(tmp_path)])
+    assert sorted(r["arm"] for r in runs) == ["adamw", "neptune", "sgd"]
+    assert all(0.0 <= r["final_test_acc"] <= 1.0 for r in runs)
+    md = (tmp_path / "training_digits_quick.md").read_text()
+    assert "| neptune | 0.01 |" in md and "| sgd | 0.1 |" in md
+    assert (tmp_path / "training_digits_quick.csv").read_text().count("\n") == 4
+    assert (tmp_path / "training_digits_quick.png").read_bytes()[:4] == b"\x89PNG"

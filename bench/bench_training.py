@@ -1,0 +1,383 @@
+"""Training benchmark: Neptune vs AdamW vs SGD (Nesterov 0.9) on image classification,
+plus the ablations Neptune without clipping (clip=0) and without the cautious mask.
+
+    python bench/bench_training.py --quick                   # seconds: 1 seed, 3 arms, fixed lrs
+    python bench/bench_training.py                           # digits on CPU, ~10 min on 2 cores
+    python bench/bench_training.py --dataset cifar10 --data-dir ~/data   # on a GPU
+
+Protocol (full mode):
+1. lr sweep: each optimizer at 4 peak lrs on --sweep-seeds seeds (seeds 1000, 1001, ...);
+   a best lr on the grid's edge extends the grid by one lr that way (twice at most).
+   Neptune's clip is swept too, at its best lr. Selection: best mean final test accuracy.
+2. final: every arm on --seeds fresh seeds (0, 1, ...), disjoint from the sweep's, so the
+   selected lr is not scored on the runs that picked it. Ablations run at Neptune's lr.
+   A seed fixes the training subset, the initial weights and the batch order, identical
+   across arms: differences between arms are paired per seed.
+Same network, schedule (linear warm-up 20% then linear decay to 0, per step), label
+smoothing 0.2, epochs and batch size for every arm; Neptune uses
+neptune_ext.param_groups (decay split, head not clipped), AdamW and SGD the same decay split.
+
+Writes <out-dir>/training_<dataset>.md, .csv (every run) and .png (--quick: *_quick.*).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+
+import torch  # noqa: E402
+
+import cifar_train_lib as lib  # noqa: E402
+
+# Budgets where the methods differ (on full digits every optimizer saturates near 98%).
+PRESETS = {
+    "digits": dict(epochs=8, batch_size=32, width=8, train_size=256, target=0.85),
+    "cifar10": dict(epochs=10, batch_size=512, width=32, train_size=None, target=0.90),
+}
+LR_GRID = {"neptune": [1e-3, 3e-3, 1e-2, 3e-2], "adamw": [1e-3, 3e-3, 1e-2, 3e-2], "sgd": [0.01, 0.03, 0.1, 0.3]}
+CLIP_GRID = [0.03, 0.1, 0.3]  # Neptune's clip, swept at Neptune's best lr (0.1 = the default)
+QUICK_LR = {"neptune": 1e-2, "adamw": 1e-2, "sgd": 0.1}
+
+# -- workers ----------------------------------------------------------------------------
+
+_DATA = None
+
+
+def _init_worker(dataset, data_dir, threads):
+    global _DATA
+    torch.set_num_threads(threads)
+    _DATA = lib.get_data(dataset, data_dir, log=lambda m: None)
+
+
+def _run(job: dict) -> dict:
+    cfg = lib.RunConfig(**job["cfg"])
+    t0 = time.perf_counter()
+    hist = lib.train(cfg, _DATA, job["device"], log=lambda m: None)
+    wall = time.perf_counter() - t0
+    target = job["target"]
+    hit = next((r for r in hist if r["test_acc"] >= target), None)
+    last = hist[-1]
+    return dict(
+        phase=job["phase"], arm=job["arm"], optimizer=cfg.optimizer, lr=cfg.lr,
+        clip="" if cfg.optimizer != "neptune" else (0.1 if cfg.clip is None else cfg.clip),
+        cautious="" if cfg.optimizer != "neptune" else cfg.cautious, seed=cfg.seed,
+        final_test_acc=last["test_acc"], best_test_acc=max(r["test_acc"] for r in hist),
+        final_train_acc=last["train_eval_acc"], gap=last["train_eval_acc"] - last["test_acc"],
+        final_train_loss=last["train_loss"],
+        epochs_to_target=hit["epoch"] if hit else "", seconds_to_target=round(hit["seconds"], 3) if hit else "",
+        train_seconds=round(last["seconds"], 3), wall_seconds=round(wall, 3),
+        test_acc_curve=";".join(f"{r['test_acc']:.4f}" for r in hist),
+    )
+
+
+def run_jobs(jobs, args, desc):
+    if not jobs:
+        return []
+    from tqdm import tqdm
+
+    out = []
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") and args.device == "cpu" else "spawn")
+        with ctx.Pool(args.jobs, _init_worker, (args.dataset, args.data_dir, args.threads)) as pool:
+            for r in tqdm(pool.imap_unordered(_run, jobs), total=len(jobs), desc=desc, disable=args.no_progress):
+                out.append(r)
+    else:
+        for j in tqdm(jobs, desc=desc, disable=args.no_progress):
+            out.append(_run(j))
+    return out
+
+
+# -- statistics -------------------------------------------------------------------------
+
+
+def mstd(xs):
+    xs = [float(x) for x in xs]
+    n = len(xs)
+    m = sum(xs) / n
+    s = statistics.stdev(xs) if n > 1 else float("nan")
+    return m, s, s / math.sqrt(n) if n > 1 else float("nan"), n
+
+
+def pct(m, s=None, se=None):
+    out = f"{100 * m:.2f}"
+    if s is not None and not math.isnan(s):
+        out += f" ± {100 * s:.2f}"
+    if se is not None and not math.isnan(se):
+        out += f" (SE {100 * se:.2f})"
+    return out
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--quick", action="store_true", help="1 seed, 3 arms, fixed lrs, 3 epochs (a demo, not a result)")
+    p.add_argument("--seeds", type=int, default=20, help="seeds per arm in the final comparison")
+    p.add_argument("--sweep-seeds", type=int, default=3)
+    for k in ("epochs", "batch_size", "width", "train_size"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
+    p.add_argument("--target", type=float, default=None, help="test accuracy for time-to-target")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (CPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.dataset == "cifar10":
+        # resolve the fallback once, here, so the results are named after what really ran
+        try:
+            lib.load_cifar10(args.data_dir)
+        except (RuntimeError, OSError):
+            lib.get_data("cifar10", args.data_dir)  # prints the one-line reason
+            args.dataset = "digits"
+    for k, v in PRESETS[args.dataset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.quick:
+        args.epochs = min(args.epochs, 3)
+    return args
+
+
+def base_cfg(args, optimizer, lr, seed, **kw):
+    return dict(optimizer=optimizer, lr=lr, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
+                width=args.width, train_size=args.train_size, **kw)
+
+
+def job(args, phase, arm, cfg):
+    return dict(phase=phase, arm=arm, cfg=cfg, device=args.device, target=args.target)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.jobs == 1:
+        _init_worker(args.dataset, args.data_dir, args.threads)
+    t_start = time.perf_counter()
+    runs, best_lr, best_clip = [], {}, None
+
+    if args.quick:
+        seeds = [0]
+        for opt in ("neptune", "adamw", "sgd"):
+            best_lr[opt] = QUICK_LR[opt]
+        arms = {opt: base_cfg(args, opt, QUICK_LR[opt], 0) for opt in ("neptune", "adamw", "sgd")}
+    else:
+        sweep_seeds = [1000 + i for i in range(args.sweep_seeds)]
+        jobs = [job(args, "sweep", f"{opt}", base_cfg(args, opt, lr, s))
+                for opt, lrs in LR_GRID.items() for lr in lrs for s in sweep_seeds]
+        runs += run_jobs(jobs, args, "lr sweep")
+        grid = {opt: list(lrs) for opt, lrs in LR_GRID.items()}
+        for _ in range(2):  # a best lr on the edge of the grid: extend the grid by one lr (x3) that way, twice at most
+            for opt in grid:
+                by_lr = {lr: mstd([r["final_test_acc"] for r in runs if r["optimizer"] == opt and r["lr"] == lr])[0]
+                         for lr in grid[opt]}
+                best_lr[opt] = max(by_lr, key=by_lr.get)
+            extra = {}
+            for opt, lrs in grid.items():
+                if best_lr[opt] == max(lrs):
+                    extra[opt] = float(f"{max(lrs) * 3:.3g}")
+                elif best_lr[opt] == min(lrs):
+                    extra[opt] = float(f"{min(lrs) / 3:.3g}")
+            if not extra:
+                break
+            for opt, lr in extra.items():
+                grid[opt] = sorted(grid[opt] + [lr])
+            runs += run_jobs([job(args, "sweep", opt, base_cfg(args, opt, lr, s)) for opt, lr in extra.items()
+                              for s in sweep_seeds], args, "lr sweep (grid edge)")
+        for opt in grid:
+            by_lr = {lr: mstd([r["final_test_acc"] for r in runs if r["optimizer"] == opt and r["lr"] == lr])[0]
+                     for lr in grid[opt]}
+            best_lr[opt] = max(by_lr, key=by_lr.get)
+        jobs = [job(args, "sweep", "neptune", base_cfg(args, "neptune", best_lr["neptune"], s, clip=c))
+                for c in CLIP_GRID + [0.0] if c != 0.1 for s in sweep_seeds]
+        runs += run_jobs(jobs, args, "clip sweep")
+        nep = [r for r in runs if r["optimizer"] == "neptune" and r["lr"] == best_lr["neptune"] and r["cautious"] is True]
+        by_clip = {c: mstd([r["final_test_acc"] for r in nep if r["clip"] == c])[0] for c in CLIP_GRID + [0.0]}
+        best_clip = max(by_clip, key=by_clip.get)
+
+        seeds = list(range(args.seeds))
+        lr_n = best_lr["neptune"]
+        arms = {
+            "neptune": base_cfg(args, "neptune", lr_n, 0),
+            "adamw": base_cfg(args, "adamw", best_lr["adamw"], 0),
+            "sgd": base_cfg(args, "sgd", best_lr["sgd"], 0),
+            "neptune clip=0": base_cfg(args, "neptune", lr_n, 0, clip=0.0),
+            "neptune cautious=False": base_cfg(args, "neptune", lr_n, 0, cautious=False),
+        }
+        if best_lr["adamw"] != lr_n:
+            # Neptune with clip=0 and cautious=False *is* AdamW: this arm completes the 2x2 at Neptune's lr
+            arms[f"adamw lr={lr_n:g}"] = base_cfg(args, "adamw", lr_n, 0)
+        if best_clip not in (0.1, 0.0):
+            arms[f"neptune clip={best_clip:g}"] = base_cfg(args, "neptune", lr_n, 0, clip=best_clip)
+
+    jobs = [job(args, "final", arm, dict(cfg, seed=s)) for arm, cfg in arms.items() for s in seeds]
+    runs += run_jobs(jobs, args, "final")
+    total = time.perf_counter() - t_start
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"training_{args.dataset}" + ("_quick" if args.quick else ""))
+    write_csv(stem + ".csv", runs)
+    plot(stem + ".png", runs, list(arms), args)
+    md = report(runs, list(arms), best_lr, best_clip, args, total, os.path.basename(stem))
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    final = [r for r in runs if r["phase"] == "final"]
+    for arm in arms:
+        m, s, se, n = mstd([r["final_test_acc"] for r in final if r["arm"] == arm])
+        print(f"{arm:>24}: final test acc {pct(m, s, se)} % (n={n})")
+    print(f"wrote {stem}.md/.csv/.png in {total:.0f}s")
+    return runs
+
+
+def write_csv(path, runs):
+    fields = list(runs[0].keys())
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in sorted(runs, key=lambda r: (r["phase"] != "sweep", r["arm"], r["lr"], str(r["clip"]), r["seed"])):
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def curves(runs, arm):
+    cs = [[float(v) for v in r["test_acc_curve"].split(";")] for r in runs if r["phase"] == "final" and r["arm"] == arm]
+    return [mstd(col) for col in zip(*cs)]
+
+
+def plot(path, runs, arms, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    final = [r for r in runs if r["phase"] == "final"]
+    for arm in arms:
+        st = curves(runs, arm)
+        ep = list(range(1, len(st) + 1))
+        m = [100 * x[0] for x in st]
+        se = [0 if math.isnan(x[2]) else 100 * x[2] for x in st]
+        line = a.plot(ep, m, marker="o", ms=3, label=arm)[0]
+        a.fill_between(ep, [u - v for u, v in zip(m, se)], [u + v for u, v in zip(m, se)], alpha=0.2, color=line.get_color())
+    a.axhline(100 * args.target, color="gray", ls=":", lw=1)
+    a.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy, mean ± SE over seeds")
+    a.set_ylim(bottom=max(0, min(100 * curves(runs, arm)[len(curves(runs, arm)) // 2][0] for arm in arms) - 10))
+    a.legend(fontsize=8)
+    stats = [mstd([r["final_test_acc"] for r in final if r["arm"] == arm]) for arm in arms]
+    b.barh(range(len(arms)), [100 * s[0] for s in stats],
+           xerr=[0 if math.isnan(s[2]) else 100 * s[2] for s in stats], color="C0", alpha=0.7, capsize=3)
+    b.set_yticks(range(len(arms)), arms)
+    lo = min(100 * s[0] for s in stats)
+    b.set_xlim(max(0, lo - 5), min(100, max(100 * s[0] for s in stats) + 2))
+    b.set(xlabel="final test accuracy (%), mean ± SE", title=f"n = {stats[0][3]} seeds per arm")
+    fig.suptitle(f"{args.dataset}: width {args.width}, {args.epochs} epochs, batch {args.batch_size}, "
+                 f"train size {args.train_size or 'all'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(runs, arms, best_lr, best_clip, args, total, stem):
+    final = [r for r in runs if r["phase"] == "final"]
+    sweep = [r for r in runs if r["phase"] == "sweep"]
+    n_seeds = len({r["seed"] for r in final})
+    L = [f"# Training benchmark: {args.dataset}{' (quick demo: 1 seed, fixed lrs, not a result)' if args.quick else ''}", ""]
+    L.append(f"Generated by `python bench/bench_training.py{' --quick' if args.quick else ''}"
+             f"{' --dataset cifar10 --data-dir ...' if args.dataset == 'cifar10' else ''}` in {total / 60:.1f} min "
+             f"on {args.device} ({platform.processor() or platform.machine()}, {args.jobs} worker(s) x {args.threads} thread(s), "
+             f"torch {torch.__version__}).")
+    L.append("")
+    L.append(f"Setup: ResNet-9 style net (examples/cifar_train_lib.py), width {args.width}, {args.epochs} epochs, batch "
+             f"{args.batch_size}, training subset {args.train_size or 'all'} images (class-balanced, chosen by the seed), "
+             "flip (CIFAR only) + translate augmentation, label smoothing 0.2, linear warm-up (20% of steps) then linear "
+             "decay to 0. Weight decay 1e-2 for Neptune/AdamW, 5e-4 for SGD (Nesterov, momentum 0.9), on ndim>=2 weights "
+             "only; Neptune's head is not clipped (neptune_ext.param_groups). Test accuracy is on the fixed held-out "
+             f"split; 'train' accuracy is clean (no augmentation) on the training subset. Target for time-to-target: "
+             f"{100 * args.target:.0f}% test accuracy.")
+    L.append("")
+    if sweep:
+        L += ["## Learning-rate sweep", "",
+              f"Mean final test accuracy (%) over {args.sweep_seeds} sweep seeds (1000+), disjoint from the final seeds.", ""]
+        L.append("| optimizer | lr: mean final test acc (%) | chosen lr |")
+        L.append("|---|---|---|")
+        for opt in LR_GRID:
+            cells = []
+            for lr in sorted({r["lr"] for r in sweep if r["optimizer"] == opt}):
+                m = mstd([r["final_test_acc"] for r in sweep if r["optimizer"] == opt and r["lr"] == lr and
+                          (opt != "neptune" or (r["clip"] == 0.1 and r["cautious"] is True))])[0]
+                cells.append(f"{lr:g}: {100 * m:.2f}")
+            L.append(f"| {opt} | " + ", ".join(cells) + f" | **{best_lr[opt]:g}** |")
+        L += ["", f"Neptune's clip at lr {best_lr['neptune']:g} (same sweep seeds):", ""]
+        L.append("| clip | " + " | ".join(f"{c:g}" for c in [0.0] + CLIP_GRID) + " |")
+        L.append("|---|" + "---|" * (len(CLIP_GRID) + 1))
+        cells = []
+        for c in [0.0] + CLIP_GRID:
+            m = mstd([r["final_test_acc"] for r in sweep if r["optimizer"] == "neptune" and r["lr"] == best_lr["neptune"]
+                      and r["clip"] == c and r["cautious"] is True])[0]
+            cells.append(f"{100 * m:.2f}")
+        L.append("| final test acc (%) | " + " | ".join(cells) + " |")
+        L.append("")
+
+    L += ["## Final comparison", "",
+          f"{n_seeds} seeds per arm (0..{n_seeds - 1}). mean ± std (SE = std/sqrt(n)). Gap = clean train accuracy minus "
+          "test accuracy at the end (overfitting). Time-to-target: epochs and training seconds (evaluation excluded) to "
+          "first reach the target, averaged over the seeds that reach it.", ""]
+    L.append("| arm | lr | final test acc (%) | best-epoch test acc (%) | train acc (%) | gap (points) | reached target "
+             "| epochs to target | s to target | s per run |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for arm in arms:
+        rs = [r for r in final if r["arm"] == arm]
+        f = mstd([r["final_test_acc"] for r in rs])
+        bt = mstd([r["best_test_acc"] for r in rs])
+        tr = mstd([r["final_train_acc"] for r in rs])
+        gap = mstd([r["gap"] for r in rs])
+        hit = [r for r in rs if r["epochs_to_target"] != ""]
+        ett = f"{mstd([r['epochs_to_target'] for r in hit])[0]:.2f}" if hit else "-"
+        stt = f"{mstd([r['seconds_to_target'] for r in hit])[0]:.2f}" if hit else "-"
+        sec = mstd([r["train_seconds"] for r in rs])[0]
+        L.append(f"| {arm} | {rs[0]['lr']:g} | {pct(*f[:3])} | {pct(bt[0])} | {pct(tr[0])} | "
+                 f"{100 * gap[0]:.2f} ± {100 * gap[1] if gap[3] > 1 else float('nan'):.2f} | {len(hit)}/{len(rs)} | "
+                 f"{ett} | {stt} | {sec:.2f} |")
+    L.append("")
+    if n_seeds > 1:
+        ref = "adamw"
+        L += [f"### Paired differences in final test accuracy (arm minus {ref}, same seeds)", "",
+              "| arm | mean diff (points) | SE | wins/ties/losses | verdict (|mean| > 2 SE) |", "|---|---|---|---|---|"]
+        base = {r["seed"]: r["final_test_acc"] for r in final if r["arm"] == ref}
+        for arm in arms:
+            if arm == ref:
+                continue
+            d = [r["final_test_acc"] - base[r["seed"]] for r in final if r["arm"] == arm]
+            m, s, se, n = mstd(d)
+            w, t, l = sum(x > 1e-9 for x in d), sum(abs(x) <= 1e-9 for x in d), sum(x < -1e-9 for x in d)
+            verdict = "no significant difference" if abs(m) <= 2 * se else ("better" if m > 0 else "worse")
+            L.append(f"| {arm} | {100 * m:+.2f} | {100 * se:.2f} | {w}/{t}/{l} | {verdict} |")
+        L.append("")
+        if "neptune clip=0" in arms:
+            L += ["### Ablations (paired against full Neptune, same lr and seeds)", "",
+                  "| arm | mean diff vs neptune (points) | SE | verdict |", "|---|---|---|---|"]
+            nb = {r["seed"]: r["final_test_acc"] for r in final if r["arm"] == "neptune"}
+            for arm in arms:
+                if not arm.startswith(("neptune ", "adamw lr=")):
+                    continue
+                d = [r["final_test_acc"] - nb[r["seed"]] for r in final if r["arm"] == arm]
+                m, s, se, n = mstd(d)
+                verdict = "no significant difference" if abs(m) <= 2 * se else ("better" if m > 0 else "worse")
+                L.append(f"| {arm} | {100 * m:+.2f} | {100 * se:.2f} | {verdict} |")
+            L.append("")
+    L += [f"Plot: `{stem}.png`. Every run: `{stem}.csv` (per-epoch test accuracy in `test_acc_curve`).", ""]
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    main()
