@@ -30,8 +30,9 @@ How the contenders share the machine (the "mode" column):
                order A B C ... then ... C B A (ABBA), so drift still hits all alike.
 Reps: with --reps N every contender runs N timed steps (the reference min(N, --ref-reps));
 without it, reps adapt so each contender gets about --target-s seconds of timed steps,
-between --min-reps and --max-reps (reference: between 1 and --ref-reps), from the time of
-its last warm-up step.
+between --min-reps and --max-reps (reference: between 2 and --ref-reps), from the time of
+its last warm-up step. Warm-up: --warmup untimed steps (the first builds the state), cut
+short once they pass --target-s (big sets on CPU: one).
 
 Timing: CPU: time.perf_counter() around each step (torch.set_num_threads per --threads
 entry). CUDA: torch.cuda.Event around each step, with a synchronize before (after an L2
@@ -288,8 +289,21 @@ def _reps_for(name: str, t_est: float, args) -> int:
     ref = name == "neptune-reference"
     if args.reps is not None:
         return max(1, min(args.reps, args.ref_reps) if ref else args.reps)
-    lo, hi = (1, args.ref_reps) if ref else (args.min_reps, args.max_reps)
+    lo, hi = (min(2, args.ref_reps), args.ref_reps) if ref else (args.min_reps, args.max_reps)
     return int(min(hi, max(lo, round(args.target_s / max(t_est, 1e-7)))))
+
+
+def warm_up(instances: list[Instance], n: int, args, timer: Timer) -> float:
+    """Up to n untimed steps of each instance (fewer once they take over --target-s; at
+    least 1 on CPU, 2 on CUDA); returns the last step's time, the estimate for reps."""
+    spent, t = 0.0, 0.0
+    for w in range(n):
+        for i in instances:
+            t = timer.time_step(i.step)
+            spent += t
+        if spent > args.target_s and w + 1 >= (2 if timer.cuda else 1):
+            break
+    return t
 
 
 def _warmups(name: str, args) -> int:
@@ -331,10 +345,7 @@ def run_cell(pset: ParamSet, dtype: torch.dtype, contenders: list[str], args, ti
             reps: dict[str, int] = {}
             for c in contenders:
                 inst[c] = [build_instance(c, make_params(pset, dtype, device)) for _ in range(copies)]
-                t_est = 0.0
-                for w in range(_warmups(c, args)):
-                    for i in inst[c]:
-                        t_est = timer.time_step(i.step)
+                t_est = warm_up(inst[c], _warmups(c, args), args, timer)
                 reps[c] = _reps_for(c, t_est, args)
                 nbytes[c] = inst[c][0].bytes_fn()
             for r in range(max(reps.values())):
@@ -356,9 +367,8 @@ def run_cell(pset: ParamSet, dtype: torch.dtype, contenders: list[str], args, ti
                     if c in reps and len(times[c]) >= reps[c]:
                         continue
                     instance = build_instance(c, params)
-                    t_est = 0.0
-                    for _ in range(_warmups(c, args)):
-                        t_est = timer.time_step(instance.step)
+                    # later rounds: one step rebuilds the state
+                    t_est = warm_up([instance], _warmups(c, args) if c not in reps else 1, args, timer)
                     if c not in reps:
                         reps[c] = _reps_for(c, t_est, args)
                         nbytes[c] = instance.bytes_fn()
@@ -554,7 +564,7 @@ def parse_args(argv: list[str] | None):
                    help="log2 sizes for the single sweeps, LO:HI[:STEP] (default 10:26 on CPU, 16:28 on CUDA)")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list filter")
     p.add_argument("--reps", type=int, default=None, help="timed steps per contender (default: adaptive, see --target-s)")
-    p.add_argument("--target-s", type=float, default=None, help="adaptive reps: timed seconds per contender and set (CPU 0.4, CUDA 0.2)")
+    p.add_argument("--target-s", type=float, default=None, help="adaptive reps: timed seconds per contender and set (CPU 0.3, CUDA 0.2)")
     p.add_argument("--min-reps", type=int, default=5)
     p.add_argument("--max-reps", type=int, default=100)
     p.add_argument("--ref-reps", type=int, default=3, help="max timed steps of neptune-reference")
@@ -573,7 +583,7 @@ def parse_args(argv: list[str] | None):
         args.reps = args.reps or 3
         args.warmup = min(args.warmup, 1)
     if args.target_s is None:
-        args.target_s = 0.4 if args.device == "cpu" else 0.2
+        args.target_s = 0.3 if args.device == "cpu" else 0.2
     return args
 
 

@@ -1,0 +1,104 @@
+"""Smoke test of the step microbenchmark (bench/bench_step.py): runs its main() on tiny
+sets and checks the files it writes, plus the shapes of the named parameter sets."""
+import csv
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+
+import step_sets  # noqa: E402
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_step", os.path.join(BENCH, "bench_step.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_step"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_named_set_sizes():
+    r50 = step_sets.build_sets("resnet50", "cpu")[0]
+    assert (r50.n_tensors, r50.n_params) == (161, 25_557_032)
+    g_s = step_sets.build_sets("gpt2-small", "cpu")[0]
+    assert (g_s.n_tensors, g_s.n_params) == (148, 124_439_808)
+    assert g_s.shapes[0] == (50257, 768) and (2304, 768) in g_s.shapes and (768, 3072) in g_s.shapes
+    g_m = step_sets.build_sets("gpt2-medium", "cpu")[0]
+    assert (g_m.n_tensors, g_m.n_params) == (292, 354_823_168)
+    ms = step_sets.build_sets("many-small", "cpu")[0]
+    assert ms.n_tensors == 10_000 and set(ms.shapes) == {(1000,)}
+    cpu_single = step_sets.build_sets("single", "cpu")
+    assert [s.n_params for s in cpu_single] == [2**k for k in range(10, 27)]
+    assert cpu_single[-1].shapes == ((2**16, 1024),)
+    assert [s.n_params for s in step_sets.build_sets("single", "cuda")] == [2**k for k in range(16, 29)]
+    assert step_sets.build_sets("single:1d", "cpu")[0].shapes == ((1024,),)
+
+
+def test_resnet50_matches_torchvision():
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.resnet50(weights=None)
+    assert step_sets.resnet50_shapes() == [tuple(p.shape) for p in model.parameters()]
+
+
+def test_bench_step_quick_run(tmp_path):
+    bench = _load_bench()
+    contenders = "neptune-op,neptune-optimizer,neptune-reference,adamw-foreach,adamw-fused"
+    rows = bench.main([
+        "--quick", "--device", "cpu", "--threads", "1", "--dtype", "fp32,bf16",
+        "--sets", "resnet50,many-small,single", "--single-range", "10:12:2",
+        "--contenders", contenders, "--reps", "3", "--out-dir", str(tmp_path),
+    ])
+    for dt in ("fp32", "bf16"):
+        for ext in ("csv", "md", "png"):
+            path = tmp_path / f"step_cpu_{dt}_t1_quick.{ext}"
+            assert path.is_file() and path.stat().st_size > 0, path
+
+    with open(tmp_path / "step_cpu_fp32_t1_quick.csv") as f:
+        got = list(csv.DictReader(f))
+    required = ["set", "n_tensors", "n_params", "dtype", "threads", "contender", "median_ms", "p20_ms",
+                "p80_ms", "bytes_per_step", "GB_s", "ratio_to_adamw_fused", "frac_of_copy", "launches"]
+    assert all(c in got[0] for c in required)
+    # 4 sets (resnet50, many-small, single 2^10, 2^12) x 5 contenders
+    assert len(got) == 4 * 5
+    assert {r["contender"] for r in got} == set(contenders.split(","))
+    for r in got:
+        med, p20, p80 = float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"])
+        assert 0 < p20 <= med <= p80 and math.isfinite(p80)
+        assert float(r["GB_s"]) > 0 and int(r["reps"]) >= 1
+        n = int(r["n_params"])
+        # fp32: 28 bytes per param for Neptune and AdamW alike
+        assert int(r["bytes_per_step"]) == 28 * n, r
+        assert math.isclose(float(r["GB_s"]), 28 * n / (med * 1e-3) / 1e9, rel_tol=1e-3)
+        assert r["frac_of_copy"] == "" and r["launches"] == ""  # CUDA only
+        if r["contender"] == "adamw-fused":
+            assert math.isclose(float(r["ratio_to_adamw_fused"]), 1.0)
+        else:
+            assert float(r["ratio_to_adamw_fused"]) > 0
+    single = [r for r in got if r["set"] == "single"]
+    assert sorted({int(r["n_params"]) for r in single}) == [1024, 4096]
+
+    # bf16 params: Neptune keeps fp32 state (22 B/param), torch AdamW bf16 state (14 B/param)
+    bf = [r for r in rows if r["dtype"] == "bf16"]
+    for r in bf:
+        per = 22 if r["contender"].startswith("neptune") else 14
+        assert r["bytes_per_step"] == per * r["n_params"], r
+
+    md = (tmp_path / "step_cpu_bf16_t1_quick.md").read_text()
+    assert "torch " + torch.__version__ in md and "git:" in md and "threads: 1" in md
+    header = next(line for line in md.splitlines() if line.startswith("| set"))
+    for col in ("contender", "median_ms", "p20_ms", "p80_ms", "GB_s", "ratio_to_adamw_fused"):
+        assert col in header
+    table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| set")]
+    assert len(table) == 4 * 5
+
+
+def test_bench_step_rejects_unknown_set(tmp_path):
+    bench = _load_bench()
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--sets", "nope", "--out-dir", str(tmp_path)])
