@@ -1,13 +1,451 @@
-// CUDA kernels of neptune_ext::neptune_step_ (placeholder until the CUDA kernel lands).
-// Torch-free on purpose: only cuda_runtime.h, so each architecture compiles in seconds.
+// CUDA kernels of neptune_ext::neptune_step_. Torch-free on purpose (cuda_runtime and the
+// bf16/fp16 headers only), so each architecture compiles in seconds; the operator's
+// validation and registration live in neptune_step_cuda_register.cpp.
+//
+// Design (the plan is neptune_cuda_plan.h, tested on the CPU):
+//  - One unit = one LayerNorm-like row. A warp (unit_len <= 2048) or a block (<= 16384)
+//    walks the unit three times: W,G -> squared norms -> clip factor; G,M -> agreement /
+//    active counts -> rho; W,G,M,V -> new W,M,V. Only the first touch of each array comes
+//    from DRAM: the re-reads hit L1/L2, so DRAM traffic is AdamW's (read W,G,M,V; write W,M,V).
+//  - Longer units are chunked: per-chunk partials (norms, then counts) are written by one
+//    launch and summed in chunk order by every block of the unit in the next one.
+//  - All sums are fixed-order (per-thread in index order, then xor-butterfly and shared
+//    memory in warp order): no floating-point atomics, bitwise reproducible.
+//  - Step counters are read (t = step + 1) by every launch and incremented by the last,
+//    small launch; found_inf is read on the device and skips every launch.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <limits.h>
+#include <string.h>
 
+#include "neptune_cuda_launch.h"
 #include "neptune_math.h"
 
 namespace neptune {
-__global__ void noop_kernel() {}
-cudaError_t cuda_probe(cudaStream_t stream) {
-  noop_kernel<<<1, 1, 0, stream>>>();
-  return cudaGetLastError();
+namespace {
+
+using namespace cuda_plan;
+
+template <int D> struct Elem;
+template <> struct Elem<kF32> {
+  using T = float;
+  static __device__ __forceinline__ float load(T x) { return x; }
+  static __device__ __forceinline__ T store(float f) { return f; }
+};
+template <> struct Elem<kBF16> {
+  using T = uint16_t;
+  static __device__ __forceinline__ float load(T x) { return __uint_as_float((uint32_t)x << 16); }
+  static __device__ __forceinline__ T store(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+};
+template <> struct Elem<kF16> {
+  using T = uint16_t;
+  static __device__ __forceinline__ float load(T x) { return __half2float(__ushort_as_half(x)); }
+  static __device__ __forceinline__ T store(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+
+// 16-byte vectors: 4 fp32 or 8 bf16/fp16 params; state (fp32) takes VEC/4 16-byte accesses.
+template <int D> struct Vec { static constexpr int N = 16 / (int)sizeof(typename Elem<D>::T); };
+
+template <int D>
+__device__ __forceinline__ void load_param_vec(const typename Elem<D>::T* p, float* out) {
+  if constexpr (D == kF32) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    out[0] = q.x; out[1] = q.y; out[2] = q.z; out[3] = q.w;
+  } else {
+    const uint4 q = *reinterpret_cast<const uint4*>(p);
+    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {  // little endian: element 2k in the low half
+      out[2 * k] = Elem<D>::load((uint16_t)(words[k] & 0xFFFFu));
+      out[2 * k + 1] = Elem<D>::load((uint16_t)(words[k] >> 16));
+    }
+  }
 }
+
+template <int D>
+__device__ __forceinline__ void store_param_vec(typename Elem<D>::T* p, const float* in) {
+  if constexpr (D == kF32) {
+    *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
+  } else {
+    uint32_t words[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      words[k] = (uint32_t)Elem<D>::store(in[2 * k]) | ((uint32_t)Elem<D>::store(in[2 * k + 1]) << 16);
+    *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void load_state_vec(const float* p, float* out) {
+#pragma unroll
+  for (int k = 0; k < N / 4; ++k) {
+    const float4 q = reinterpret_cast<const float4*>(p)[k];
+    out[4 * k] = q.x; out[4 * k + 1] = q.y; out[4 * k + 2] = q.z; out[4 * k + 3] = q.w;
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_state_vec(float* p, const float* in) {
+#pragma unroll
+  for (int k = 0; k < N / 4; ++k)
+    reinterpret_cast<float4*>(p)[k] = make_float4(in[4 * k], in[4 * k + 1], in[4 * k + 2], in[4 * k + 3]);
+}
+
+// Which arrays a pass reads and writes.
+enum : int { kLdW = 1, kLdG = 2, kLdM = 4, kLdV = 8, kStW = 16, kStMV = 32 };
+
+// Elements [b, b + n) of one tensor, strided over `nthr` threads: a scalar head up to the
+// 16-byte boundary of W, 16-byte vectors while all four arrays are aligned, a scalar tail
+// (all scalar when the arrays' alignments differ). fn(w, g, m, v) gets float arrays of 1
+// or VEC elements, in place. The split depends on addresses only: deterministic.
+template <int D, int F, class Fn>
+__device__ __forceinline__ void traverse(const DevTensor& t, int64_t b, int64_t n, int tid, int nthr, Fn&& fn) {
+  using E = Elem<D>;
+  using T = typename E::T;
+  constexpr int VEC = Vec<D>::N;
+  T* w = static_cast<T*>(t.w) + b;
+  const T* g = static_cast<const T*>(t.g) + b;
+  float* m = t.m + b;
+  float* v = t.v + b;
+  int64_t h = (int64_t)(((16u - ((uint32_t)(uintptr_t)w & 15u)) & 15u) / sizeof(T));
+  if (h > n) h = n;
+  // W + h is aligned by construction; the others must be aligned at the same element.
+  if ((((uintptr_t)(g + h) | (uintptr_t)(m + h) | (uintptr_t)(v + h)) & 15u) != 0) h = n;
+  const int64_t nv = (n - h) / VEC;
+  const int64_t tail = h + nv * VEC;
+
+  auto scalar = [&](int64_t i) {
+    float wf[1], gf[1], mf[1], vf[1];
+    if (F & kLdW) wf[0] = E::load(w[i]);
+    if (F & kLdG) gf[0] = E::load(g[i]);
+    if (F & kLdM) mf[0] = m[i];
+    if (F & kLdV) vf[0] = v[i];
+    fn(wf, gf, mf, vf);
+    if (F & kStW) w[i] = E::store(wf[0]);
+    if (F & kStMV) {
+      m[i] = mf[0];
+      v[i] = vf[0];
+    }
+  };
+  for (int64_t i = tid; i < h; i += nthr) scalar(i);
+#pragma unroll 2
+  for (int64_t k = tid; k < nv; k += nthr) {
+    const int64_t i = h + k * VEC;
+    float wf[VEC], gf[VEC], mf[VEC], vf[VEC];
+    if (F & kLdW) load_param_vec<D>(w + i, wf);
+    if (F & kLdG) load_param_vec<D>(g + i, gf);
+    if (F & kLdM) load_state_vec<VEC>(m + i, mf);
+    if (F & kLdV) load_state_vec<VEC>(v + i, vf);
+    fn(wf, gf, mf, vf);
+    if (F & kStW) store_param_vec<D>(w + i, wf);
+    if (F & kStMV) {
+      store_state_vec<VEC>(m + i, mf);
+      store_state_vec<VEC>(v + i, vf);
+    }
+  }
+  for (int64_t i = tail + tid; i < n; i += nthr) scalar(i);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;  // the butterfly leaves the same value in every lane (addition commutes)
+}
+__device__ __forceinline__ unsigned long long warp_sum(unsigned long long x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Sum of a pair over the group (a warp, or the whole block), same value in every thread.
+template <bool BLOCK, class V>
+__device__ __forceinline__ void group_sum2(V& a, V& b) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if constexpr (BLOCK) {
+    __shared__ V sa[kWarpsPerBlock], sb[kWarpsPerBlock];
+    const int warp = threadIdx.x / kWarpSize;
+    if ((threadIdx.x % kWarpSize) == 0) {
+      sa[warp] = a;
+      sb[warp] = b;
+    }
+    __syncthreads();
+    a = sa[0];
+    b = sb[0];
+#pragma unroll
+    for (int k = 1; k < kWarpsPerBlock; ++k) {  // every thread, same order
+      a += sa[k];
+      b += sb[k];
+    }
+    __syncthreads();  // before the next reduction reuses the buffers
+  }
+}
+
+// Per-tensor constants on the device, as step_consts() computes them on the host.
+__device__ __forceinline__ StepConsts tensor_consts(const StepArgs& a, const DevTensor& t) {
+  const float tf = *t.step + 1.f;  // the CPU op increments the float counter, then widens
+  const double td = (double)tf;
+  const double lr = a.lr_f32 != nullptr ? (double)*a.lr_f32 : (a.lr_f64 != nullptr ? *a.lr_f64 : a.lr);
+  StepConsts c;
+  c.beta1 = (float)a.beta1;
+  c.one_minus_beta1 = (float)(1.0 - a.beta1);
+  c.beta2 = (float)a.beta2;
+  c.one_minus_beta2 = (float)(1.0 - a.beta2);
+  c.bc1 = (float)(1.0 - pow(a.beta1, td));
+  c.bc2 = (float)(1.0 - pow(a.beta2, td));
+  c.eps = (float)a.eps;
+  c.lr = (float)lr;
+  c.decay = (float)(1.0 - __dmul_rn(lr, a.weight_decay));  // no FMA: same rounding as the host
+  float gmul = a.maximize ? -1.f : 1.f;
+  if (a.grad_scale != nullptr) gmul /= *a.grad_scale;
+  c.gmul = gmul;
+  c.clip = (float)a.clip;
+  c.cautious = a.cautious;
+  return c;
+}
+
+
+// Number of float elements of an array passed by reference (1 or VEC): a constant.
+#define NEPTUNE_LEN(arr) ((int)(sizeof(arr) / sizeof(float)))
+
+// 1. squared norms of W and of the rule's gradient over [b, b + n), summed over the group.
+template <int D, bool BLOCK>
+__device__ __forceinline__ void group_norms(const DevTensor& t, const StepConsts& c, int64_t b, int64_t n, int tid,
+                                            float& w_sq, float& g_sq) {
+  constexpr int NTHR = BLOCK ? kThreads : kWarpSize;
+  float ws = 0.f, gs = 0.f;
+  traverse<D, kLdW | kLdG>(t, b, n, tid, NTHR, [&](auto& wf, auto& gf, auto&, auto&) {
+#pragma unroll
+    for (int j = 0; j < NEPTUNE_LEN(wf); ++j) {
+      const float x = wf[j];
+      const float y = grad_in(gf[j], c);
+      ws += x * x;
+      gs += y * y;
+    }
+  });
+  group_sum2<BLOCK>(ws, gs);
+  w_sq = ws;
+  g_sq = gs;
+}
+
+// 3. agreement / activity counts over [b, b + n) for clip factor s, without writing: the
+// moment is computed exactly as the update pass computes it.
+template <int D, bool BLOCK>
+__device__ __forceinline__ void group_counts(const DevTensor& t, const StepConsts& c, float s, int64_t b, int64_t n,
+                                             int tid, unsigned long long& n_agree, unsigned long long& n_active) {
+  constexpr int NTHR = BLOCK ? kThreads : kWarpSize;
+  uint32_t ca = 0, cb = 0;  // per thread: at most a chunk / kThreads elements
+  traverse<D, kLdG | kLdM>(t, b, n, tid, NTHR, [&](auto&, auto& gf, auto& mf, auto&) {
+#pragma unroll
+    for (int j = 0; j < NEPTUNE_LEN(gf); ++j) {
+      const float g = grad_in(gf[j], c) * s;
+      float m = mf[j], v = 0.f;
+      update_moments(g, m, v, c);
+      ca += (uint32_t)agrees(m, g);
+      cb += (uint32_t)active(g);
+    }
+  });
+  unsigned long long a = ca, bb = cb;
+  group_sum2<BLOCK>(a, bb);
+  n_agree = a;
+  n_active = bb;
+}
+
+// 2-4. moments, direction, mask, decay and step: the one pass that writes.
+template <int D, bool BLOCK>
+__device__ __forceinline__ void group_update(const DevTensor& t, const StepConsts& c, float s, float rho, int64_t b,
+                                             int64_t n, int tid) {
+  constexpr int NTHR = BLOCK ? kThreads : kWarpSize;
+  traverse<D, kLdW | kLdG | kLdM | kLdV | kStW | kStMV>(t, b, n, tid, NTHR, [&](auto& wf, auto& gf, auto& mf, auto& vf) {
+#pragma unroll
+    for (int j = 0; j < NEPTUNE_LEN(wf); ++j) wf[j] = element_step(wf[j], gf[j], mf[j], vf[j], s, rho, c);
+  });
+}
+
+// A whole unit [b, b + n) by one warp (BLOCK = false, tid = lane) or one block.
+template <int D, bool BLOCK>
+__device__ __forceinline__ void unit_step(const DevTensor& t, const StepConsts& c, int64_t b, int64_t n, int tid) {
+  float s = 1.f;
+  if (c.clip > 0.f) {
+    float w_sq, g_sq;
+    group_norms<D, BLOCK>(t, c, b, n, tid, w_sq, g_sq);
+    s = clip_factor(w_sq, g_sq, c.clip);
+  }
+  float rho = 1.f;
+  if (c.cautious) {
+    unsigned long long n_agree, n_active;
+    group_counts<D, BLOCK>(t, c, s, b, n, tid, n_agree, n_active);
+    rho = rho_floor((int64_t)n_agree, (int64_t)n_active, 1);
+  }
+  group_update<D, BLOCK>(t, c, s, rho, b, n, tid);
+}
+
+// One chunk of a long unit in the given role. Partials of the unit's chunks are summed in
+// chunk order (per thread, then the fixed block sum): every chunk block gets the same s, rho.
+template <int D>
+__device__ __forceinline__ void chunk_step(const StepArgs& a, const DevTensor& t, const StepConsts& c, const Work& w,
+                                           int role) {
+  const int tid = threadIdx.x;
+  const int64_t b = w.elem_begin, n = w.elem_end - w.elem_begin;
+  if (role == kRoleNorm) {
+    float w_sq, g_sq;
+    group_norms<D, true>(t, c, b, n, tid, w_sq, g_sq);
+    if (tid == 0) {
+      a.norm_partials[2 * w.long_index] = w_sq;
+      a.norm_partials[2 * w.long_index + 1] = g_sq;
+    }
+    return;
+  }
+  float s = 1.f;
+  if (c.clip > 0.f) {
+    float w_sq = 0.f, g_sq = 0.f;
+    for (int64_t k = tid; k < w.chunks; k += kThreads) {
+      w_sq += a.norm_partials[2 * (w.unit_long_begin + k)];
+      g_sq += a.norm_partials[2 * (w.unit_long_begin + k) + 1];
+    }
+    group_sum2<true>(w_sq, g_sq);
+    s = clip_factor(w_sq, g_sq, c.clip);
+  }
+  if (role == kRoleCount) {
+    unsigned long long n_agree, n_active;
+    group_counts<D, true>(t, c, s, b, n, tid, n_agree, n_active);
+    if (tid == 0) {
+      a.count_partials[2 * w.long_index] = n_agree;
+      a.count_partials[2 * w.long_index + 1] = n_active;
+    }
+    return;
+  }
+  float rho = 1.f;
+  if (c.cautious) {
+    unsigned long long n_agree = 0, n_active = 0;
+    for (int64_t k = tid; k < w.chunks; k += kThreads) {
+      n_agree += a.count_partials[2 * (w.unit_long_begin + k)];
+      n_active += a.count_partials[2 * (w.unit_long_begin + k) + 1];
+    }
+    group_sum2<true>(n_agree, n_active);
+    rho = rho_floor((int64_t)n_agree, (int64_t)n_active, 1);
+  }
+  group_update<D, true>(t, c, s, rho, b, n, tid);
+}
+
+__device__ __forceinline__ bool skip_step(const StepArgs& a) { return a.found_inf != nullptr && *a.found_inf != 0.f; }
+
+// The main launch: warp units (several per block, of any tensors), block units, and the
+// first role of every chunk.
+__global__ void __launch_bounds__(kThreads, 3) neptune_main_kernel(const StepArgs a, int32_t chunk_role) {
+  if (skip_step(a)) return;
+  const int64_t s0 = (int64_t)blockIdx.x * kWarpsPerBlock;
+  const int64_t i0 = find_owner(a.slot_begins, a.n_tensors, s0);
+  const Work w0 = slot_work(a.tensors[i0].plan, s0);
+  if (w0.valid && w0.kind != kWarpUnit) {  // the whole block: uniform branch
+    const DevTensor t = a.tensors[i0];
+    const StepConsts c = tensor_consts(a, t);
+    const int64_t n = w0.elem_end - w0.elem_begin;
+    if (w0.kind == kBlockUnit) {
+      switch (t.dtype) {
+        case kBF16: unit_step<kBF16, true>(t, c, w0.elem_begin, n, threadIdx.x); break;
+        case kF16: unit_step<kF16, true>(t, c, w0.elem_begin, n, threadIdx.x); break;
+        default: unit_step<kF32, true>(t, c, w0.elem_begin, n, threadIdx.x); break;
+      }
+    } else {
+      switch (t.dtype) {
+        case kBF16: chunk_step<kBF16>(a, t, c, w0, chunk_role); break;
+        case kF16: chunk_step<kF16>(a, t, c, w0, chunk_role); break;
+        default: chunk_step<kF32>(a, t, c, w0, chunk_role); break;
+      }
+    }
+    return;
+  }
+  // Warp units: each warp on its own (no block-wide synchronisation below).
+  const int64_t slot = s0 + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t i = find_owner(a.slot_begins, a.n_tensors, slot);
+  const Work w = slot_work(a.tensors[i].plan, slot);
+  if (!w.valid || w.kind != kWarpUnit) return;
+  const DevTensor t = a.tensors[i];
+  const StepConsts c = tensor_consts(a, t);
+  const int64_t n = w.elem_end - w.elem_begin;
+  switch (t.dtype) {
+    case kBF16: unit_step<kBF16, false>(t, c, w.elem_begin, n, lane); break;
+    case kF16: unit_step<kF16, false>(t, c, w.elem_begin, n, lane); break;
+    default: unit_step<kF32, false>(t, c, w.elem_begin, n, lane); break;
+  }
+}
+
+// A later role of every chunk: one block per chunk, over long space.
+__global__ void __launch_bounds__(kThreads, 4) neptune_long_kernel(const StepArgs a, int32_t role) {
+  if (skip_step(a)) return;
+  const int64_t lb = blockIdx.x;
+  const int64_t i = find_owner(a.long_begins, a.n_tensors, lb);
+  const Work w = long_work(a.tensors[i].plan, lb);
+  if (!w.valid) return;
+  const DevTensor t = a.tensors[i];
+  const StepConsts c = tensor_consts(a, t);
+  switch (t.dtype) {
+    case kBF16: chunk_step<kBF16>(a, t, c, w, role); break;
+    case kF16: chunk_step<kF16>(a, t, c, w, role); break;
+    default: chunk_step<kF32>(a, t, c, w, role); break;
+  }
+}
+
+// Last: every tensor's step counter (zero-size tensors included), unless found_inf.
+__global__ void __launch_bounds__(kStepsThreads) neptune_steps_kernel(const StepArgs a) {
+  if (skip_step(a)) return;
+  const int64_t i = (int64_t)blockIdx.x * kStepsThreads + threadIdx.x;
+  if (i < a.n_tensors) *a.tensors[i].step += 1.f;
+}
+
+// Table upload through kernel arguments (CUDA 12.1+ allows 32764 bytes of them on sm_70+).
+constexpr int kUploadBytes = 32000;
+struct UploadArgs {
+  unsigned char* dst;
+  int32_t n;
+  unsigned char bytes[kUploadBytes];
+};
+
+__global__ void __launch_bounds__(256) neptune_upload_kernel(const __grid_constant__ UploadArgs u) {
+  for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < u.n; i += gridDim.x * blockDim.x) u.dst[i] = u.bytes[i];
+}
+
+}  // namespace
+
+cudaError_t neptune_cuda_upload(void* dst, const void* src, int64_t bytes, cudaStream_t stream, int* launches) {
+  static UploadArgs u;  // 32 KB: not on the caller's stack; callers hold a lock
+  int count = 0;
+  for (int64_t off = 0; off < bytes; off += kUploadBytes) {
+    const int64_t nb = bytes - off < kUploadBytes ? bytes - off : kUploadBytes;
+    u.dst = static_cast<unsigned char*>(dst) + off;
+    u.n = (int32_t)nb;
+    memcpy(u.bytes, static_cast<const unsigned char*>(src) + off, (size_t)nb);
+    neptune_upload_kernel<<<(unsigned)((nb + 255) / 256), 256, 0, stream>>>(u);
+    ++count;
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) {
+      if (launches) *launches = count;
+      return err;
+    }
+  }
+  if (launches) *launches = count;
+  return cudaSuccess;
+}
+
+cudaError_t neptune_cuda_step(const StepArgs& args, int64_t main_blocks, int64_t long_blocks, cudaStream_t stream) {
+  Launch seq[4];
+  const int nl = launch_sequence(main_blocks, long_blocks, args.n_tensors, (float)args.clip > 0.f ? 1 : 0,
+                                 args.cautious ? 1 : 0, seq);
+  for (int k = 0; k < nl; ++k) {
+    if (seq[k].blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+    const unsigned grid = (unsigned)seq[k].blocks;
+    switch (seq[k].kind) {
+      case kLaunchMain: neptune_main_kernel<<<grid, kThreads, 0, stream>>>(args, seq[k].role); break;
+      case kLaunchLong: neptune_long_kernel<<<grid, kThreads, 0, stream>>>(args, seq[k].role); break;
+      default: neptune_steps_kernel<<<grid, kStepsThreads, 0, stream>>>(args); break;
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 }  // namespace neptune

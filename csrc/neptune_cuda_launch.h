@@ -1,0 +1,54 @@
+// Interface between the CUDA operator's registration (neptune_step_cuda_register.cpp, torch
+// side) and its kernels (neptune_step_cuda.cu, torch-free so that it compiles in seconds):
+// raw pointers, plain structs and a cudaStream_t.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "neptune_cuda_plan.h"
+
+namespace neptune {
+
+// One tensor of the list as the kernels see it; an array of these lives in device memory
+// (the "table"), followed by the slot_begins and long_begins arrays (int64 each).
+struct DevTensor {
+  void* w;           // param, `dtype`
+  const void* g;     // grad, `dtype`
+  float* m;          // exp_avg
+  float* v;          // exp_avg_sq
+  float* step;       // 0-dim float32 step counter, incremented by the last launch
+  cuda_plan::TensorPlan plan;
+  int32_t dtype;     // ParamDtype
+  int32_t pad_;
+};
+
+// Layout of the device table for n tensors, in bytes.
+inline int64_t table_bytes(int64_t n) { return n * (int64_t)(sizeof(DevTensor) + 2 * sizeof(int64_t)); }
+
+// Kernel arguments shared by every launch of one step (passed by value: no host-to-device
+// copy, so a step can be captured in a CUDA graph).
+struct StepArgs {
+  const DevTensor* tensors;
+  const int64_t* slot_begins;
+  const int64_t* long_begins;
+  int64_t n_tensors;
+  double beta1, beta2, weight_decay, eps, clip;
+  double lr;               // used when lr_f32 and lr_f64 are null
+  const float* lr_f32;     // lr on the device (float32), or null
+  const double* lr_f64;    // lr on the device (float64), or null
+  const float* grad_scale; // or null
+  const float* found_inf;  // or null: nonzero skips the whole step, counters included
+  float* norm_partials;    // 2 per chunk block (w_sq, g_sq), when chunked units need clipping
+  unsigned long long* count_partials;  // 2 per chunk block (agree, active), when cautious
+  int32_t cautious, maximize;
+};
+
+// Copy `bytes` host bytes to device memory `dst` through kernel arguments, in stream order
+// (capturable in a CUDA graph, unlike a copy from pageable memory). Returns the first error.
+cudaError_t neptune_cuda_upload(void* dst, const void* src, int64_t bytes, cudaStream_t stream, int* launches);
+
+// All launches of one step (cuda_plan::launch_sequence). Returns the first launch error.
+cudaError_t neptune_cuda_step(const StepArgs& args, int64_t main_blocks, int64_t long_blocks, cudaStream_t stream);
+
+}  // namespace neptune
