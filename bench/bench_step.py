@@ -50,7 +50,7 @@ forloop/foreach/reference paths are not counted, so their GB_s is "effective".
 ratio_to_adamw_fused = contender median / adamw-fused median (same set, size, dtype, threads).
 CUDA also: frac_of_copy = GB_s / (device-to-device copy_ of a 2 GiB tensor, bytes = 2 x 2 GiB),
 and launches = GPU activities (kernels + memcpy + memset) that torch.profiler records for one
-step. CPU: the header gives a memory copy's GB/s for orientation.
+step (left empty for steps slower than LAUNCH_COUNT_MAX_S). CPU: the header gives a memory copy's GB/s for orientation.
 
 Output, in --out-dir (default bench/results), one group per (device, dtype, threads):
   step_cpu_fp32_t2.{csv,md,png}   (CUDA: step_cuda_fp32.{csv,md,png}; --tag T appends _T;
@@ -88,6 +88,9 @@ NEPTUNE_HP = dict(clip=0.1, cautious=True, maximize=False)
 # The reference allocates several temporaries per tensor: skip it above this many params
 # unless --reference-all (gpt2-small takes ~6-15 s per reference step on 2 EPYC cores).
 REFERENCE_LIMIT = {"cpu": 40_000_000, "cuda": 400_000_000}
+# Profiling a step of hundreds of thousands of launches (the reference on many-small) takes
+# minutes to post-process: launches are left empty for steps slower than this.
+LAUNCH_COUNT_MAX_S = 1.0
 COLUMNS = (
     "set", "shape", "n_tensors", "n_params", "dtype", "threads", "contender", "reps",
     "median_ms", "p20_ms", "p80_ms", "bytes_per_step", "GB_s", "ratio_to_adamw_fused",
@@ -278,6 +281,8 @@ def copy_ceiling(device: str, nbytes: int, reps: int = 10) -> float:
     timer.sync()
     ts = [timer.time_step(lambda: dst.copy_(src)) for _ in range(reps)]
     del src, dst
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return 2 * nbytes / quantile(ts, 0.5) / 1e9
 
 
@@ -355,7 +360,8 @@ def run_cell(pset: ParamSet, dtype: torch.dtype, contenders: list[str], args, ti
                         times[c].append(timer.time_step(inst[c][r % copies].step))
             if device == "cuda" and not args.no_launches:
                 for c in contenders:
-                    launches[c] = count_launches(inst[c][0].step)
+                    if quantile(times[c], 0.5) <= LAUNCH_COUNT_MAX_S:
+                        launches[c] = count_launches(inst[c][0].step)
             del inst
             _free(device)
         else:
@@ -376,7 +382,8 @@ def run_cell(pset: ParamSet, dtype: torch.dtype, contenders: list[str], args, ti
                     n = math.ceil((reps[c] - len(times[c])) / rounds_left)
                     for _ in range(n):
                         times[c].append(timer.time_step(instance.step))
-                    if device == "cuda" and not args.no_launches and c not in launches:
+                    if (device == "cuda" and not args.no_launches and c not in launches
+                            and quantile(times[c], 0.5) <= LAUNCH_COUNT_MAX_S):
                         launches[c] = count_launches(instance.step)
                     del instance
                     _free(device)
@@ -446,7 +453,7 @@ def _fmt(v, col: str) -> str:
     if col == "GB_s":
         return f"{v:.3g}"
     if col in ("ratio_to_adamw_fused", "frac_of_copy"):
-        return f"{v:.2f}"
+        return f"{v:.3g}"
     return str(v)
 
 
@@ -461,7 +468,8 @@ def header_lines(args, dtype_name: str, threads: int) -> list[str]:
         f"- torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if args.device == "cuda" else "")
         + f"; neptune_ext: {neptune_ext.ops.describe_build()}; CPU ISA {neptune_ext.build_info().get('cpu_isa')}",
         f"- git: {git_sha()}",
-        f"- threads: {threads if args.device == 'cpu' else 'n/a (CUDA)'} (torch.get_num_threads)",
+        f"- threads: {threads} (torch.set_num_threads)" if args.device == "cpu"
+        else f"- threads: n/a on CUDA (host torch threads {threads}, the threads column)",
         f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- command: `python bench/bench_step.py {' '.join(args._argv)}`",
         f"- contenders: {', '.join(args._contenders)}",
