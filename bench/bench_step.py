@@ -21,7 +21,7 @@ cautious True (the defaults). Params and grads are random normal (grads scaled 1
 How the contenders share the machine (the "mode" column):
   interleaved  when every contender's tensors together fit in --mem-gb (default 6 GiB on CPU,
                60% of free memory on CUDA): every contender gets its own params, grads and state
-               (same seed, same values), and the timed steps go round-robin, one step of each
+               (copies of the same values), and the timed steps go round-robin, one step of each
                contender per round, the starting contender rotating each round, so drift and
                neighbours' noise hit all contenders alike.
   blocked      bigger sets (e.g. gpt2-small fp32 on CPU): one contender alive at a time. Params
@@ -122,6 +122,16 @@ def make_params(pset: ParamSet, dtype: torch.dtype, device: str, seed: int = 0) 
         p.grad = torch.randn(shape, generator=g, device=device, dtype=torch.float32).mul_(1e-3).to(dtype)
         params.append(p)
     return params
+
+
+def clone_params(src: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Own copies of params and grads (cheaper than drawing them again)."""
+    out = []
+    for p in src:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
 
 
 def _traffic(p: torch.Tensor, state_tensors: list[torch.Tensor]) -> int:
@@ -348,11 +358,13 @@ def run_cell(pset: ParamSet, dtype: torch.dtype, contenders: list[str], args, ti
                 copies = min(3, max(2, math.ceil(2 * l2_bytes / per)))
             inst: dict[str, list[Instance]] = {}
             reps: dict[str, int] = {}
+            src = make_params(pset, dtype, device)
             for c in contenders:
-                inst[c] = [build_instance(c, make_params(pset, dtype, device)) for _ in range(copies)]
+                inst[c] = [build_instance(c, clone_params(src)) for _ in range(copies)]
                 t_est = warm_up(inst[c], _warmups(c, args), args, timer)
                 reps[c] = _reps_for(c, t_est, args)
                 nbytes[c] = inst[c][0].bytes_fn()
+            del src
             for r in range(max(reps.values())):
                 k = r % len(contenders)
                 for c in contenders[k:] + contenders[:k]:
@@ -471,7 +483,7 @@ def header_lines(args, dtype_name: str, threads: int) -> list[str]:
         f"- threads: {threads} (torch.set_num_threads)" if args.device == "cpu"
         else f"- threads: n/a on CUDA (host torch threads {threads}, the threads column)",
         f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- command: `python bench/bench_step.py {' '.join(args._argv)}`",
+        f"- command: `python bench/bench_step.py {' '.join(args._argv)}` ({args._group_s:.0f} s for this file's rows)",
         f"- contenders: {', '.join(args._contenders)}",
     ]
     for note in args._notes:
@@ -658,6 +670,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 args._copy_gbs = copy_ceiling(device, args._copy_bytes)
                 log(f"[{device} {dtype_name} t{threads}] copy ceiling {args._copy_gbs:.1f} GB/s")
                 rows: list[dict] = []
+                t_group = time.perf_counter()
                 for pset in sets:
                     cs = [c for c in contenders if not (c == "neptune-reference" and not args.reference_all
                                                         and pset.n_params > REFERENCE_LIMIT[device])]
@@ -669,10 +682,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     summary = ", ".join(f"{r['contender']} {r['median_ms']:.3g} ms (n={r['reps']})" for r in cell)
                     log(f"[{device} {dtype_name} t{threads}] {pset.name} {pset.note} {pset.n_params:,} params, "
                         f"{cell[0]['mode']}: {summary} [{time.perf_counter() - t0:.1f} s]")
+                args._group_s = time.perf_counter() - t_group
                 args._paths += write_outputs(rows, args, dtype_name, threads)
                 log(f"[{device} {dtype_name} t{threads}] wrote {stem(args, dtype_name, threads)}.{{csv,md,png}} "
                     f"in {args.out_dir} ({time.perf_counter() - t_start:.0f} s so far)")
                 all_rows += rows
+        log(f"bench_step: done in {time.perf_counter() - t_start:.0f} s")
     finally:
         if device == "cpu":
             torch.set_num_threads(default_threads)

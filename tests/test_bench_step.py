@@ -102,3 +102,16 @@ def test_bench_step_rejects_unknown_set(tmp_path):
     bench = _load_bench()
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--sets", "nope", "--out-dir", str(tmp_path)])
+
+
+def test_bench_step_blocked_mode(tmp_path):
+    """Sets too big for --mem-gb run one contender at a time, in ABBA blocks."""
+    bench = _load_bench()
+    rows = bench.main([
+        "--quick", "--device", "cpu", "--threads", "1", "--sets", "many-small", "--mem-gb", "0.0001",
+        "--contenders", "neptune-op,adamw-fused", "--reps", "4", "--out-dir", str(tmp_path),
+    ])
+    assert [r["contender"] for r in rows] == ["neptune-op", "adamw-fused"]
+    for r in rows:
+        assert r["mode"] == "blocked" and r["reps"] == 4 and r["median_ms"] > 0
+        assert r["bytes_per_step"] == 28 * r["n_params"]
