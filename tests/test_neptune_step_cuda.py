@@ -1,0 +1,287 @@
+"""The CUDA operator against the reference, the CPU operator and itself (needs a GPU).
+
+Inputs come from neptune_inputs (random with random signs, moved away from the rule's
+discontinuities). Multi-step tests resynchronise the CUDA state to the reference state
+before every step, so that they test steps > 1 (bias corrections, cautious masks on a
+nonzero momentum) without chaotic divergence between two correct implementations.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import neptune_ext
+from neptune_ext import neptune_step_, neptune_step_reference_multi
+from neptune_inputs import assert_param_close, assert_state_close, clone_all, make_case, make_grads
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DEV = "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Odd sizes; warp units (<= 2048), block units (<= 16384), chunked units (longer);
+# rows misaligned for 16-byte vectors (1031); zero-size tensors mixed in.
+SHAPES = [(), (1,), (7,), (0,), (1031,), (64, 3, 3, 3), (5, 1031), (3, 0, 2), (4, 5000), (2, 16385),
+          (3, 70000), (200000,)]
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05)
+
+
+def hyper(clip=0.1, cautious=True, maximize=False, **kw):
+    return dict(HYPER, clip=clip, cautious=cautious, maximize=maximize, **kw)
+
+
+def to_dev(lists):
+    return [[t.to(DEV) for t in lst] for lst in lists]
+
+
+def assert_case_close(dev_lists, ref_lists, what=""):
+    p, _, m, v, s = dev_lists
+    rp, _, rm, rv, rs = ref_lists
+    for i in range(len(p)):
+        assert_param_close(p[i].cpu(), rp[i], f"{what} param {i} {tuple(rp[i].shape)}")
+        assert_state_close(m[i].cpu(), rm[i], f"{what} exp_avg {i} {tuple(rp[i].shape)}")
+        assert_state_close(v[i].cpu(), rv[i], f"{what} exp_avg_sq {i} {tuple(rp[i].shape)}")
+        assert torch.equal(s[i].cpu(), rs[i]), f"{what} step {i}"
+
+
+def step_dev(lists, h, grad_scale=None, found_inf=None):
+    p, g, m, v, s = lists
+    neptune_step_(p, g, m, v, s, **h, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def run_vs_reference(shapes, dtype, h, *, n_steps=3, seed=0, grad_scale=None):
+    ref = list(make_case(shapes, dtype, seed=seed, clip=h["clip"], beta1=h["beta1"], maximize=h["maximize"],
+                         grad_scale=grad_scale or 1.0))
+    dev = to_dev(ref)
+    gen = torch.Generator().manual_seed(seed + 1)
+    gs_dev = None if grad_scale is None else torch.tensor(grad_scale, device=DEV)
+    gs_ref = None if grad_scale is None else torch.tensor(grad_scale)
+    for k in range(n_steps):
+        if k > 0:  # fresh edge-safe gradients for the reference's state; resync the device state
+            grads = make_grads(ref[0], ref[2], clip=h["clip"], beta1=h["beta1"], maximize=h["maximize"],
+                               grad_scale=grad_scale or 1.0, generator=gen)
+            ref[1] = grads
+            for d_list, r_list in zip(dev, ref):
+                for d, r in zip(d_list, r_list):
+                    d.copy_(r)  # in place: same pointers, so the cached device table is reused
+        step_dev(dev, h, grad_scale=gs_dev)
+        neptune_step_reference_multi(*ref, **h, grad_scale=gs_ref)
+        assert_case_close(dev, ref, f"step {k + 1}")
+    return dev, ref
+
+
+def test_cuda_kernel_registered():
+    assert neptune_ext.has_kernel("cuda"), neptune_ext.ops.describe_build()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("clip", [0.0, 0.1])
+@pytest.mark.parametrize("cautious", [False, True])
+def test_matches_reference(dtype, clip, cautious):
+    run_vs_reference(SHAPES, dtype, hyper(clip=clip, cautious=cautious))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_maximize_and_grad_scale(dtype):
+    run_vs_reference(SHAPES, dtype, hyper(maximize=True), grad_scale=1024.0, seed=5)
+    run_vs_reference(SHAPES, dtype, hyper(maximize=False), grad_scale=4096.0, seed=6, n_steps=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_cpu_op(dtype):
+    h = hyper()
+    cpu = make_case(SHAPES, dtype, seed=11)
+    dev = to_dev(cpu)
+    neptune_step_(*cpu, **h)
+    step_dev(dev, h)
+    assert_case_close(dev, cpu, "cuda vs cpu op")
+
+
+def test_bitwise_reproducible():
+    h = hyper()
+    base = make_case(SHAPES + [(1 << 20,), (300, 700)], torch.float32, seed=3)
+    outs = []
+    for _ in range(2):
+        dev = to_dev(clone_all(base))
+        for _ in range(3):
+            step_dev(dev, h)
+        outs.append(dev)
+    for a_list, b_list in zip(outs[0], outs[1]):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
+
+
+def test_every_element_written():
+    # Nonzero W and G everywhere, decay > 0: (almost) every element of W, M and V changes.
+    # An element the kernel skipped keeps its old value; beyond matching the reference, every
+    # element left unchanged on the device must be one the reference leaves unchanged too
+    # (by rounding coincidence), and those must be rare.
+    # (cautious off: the zeros filled in below were not moved away from the mask's edge)
+    h = hyper(weight_decay=0.1, cautious=False)
+    shapes = [(7,), (1031,), (5, 1031), (4, 5000), (3, 70000), (200000,), (33, 33)]
+    ref = make_case(shapes, torch.float32, seed=2, zero_frac=0.0)
+    for g in ref[1]:
+        g[g == 0] = 1e-3
+    dev = to_dev(ref)
+    before = clone_all(ref)
+    step_dev(dev, h)
+    neptune_step_reference_multi(*ref, **h)
+    assert_case_close(dev, ref)
+    for k in (0, 2, 3):
+        for old, new, r in zip(before[k], dev[k], ref[k]):
+            same_dev = new.cpu() == old
+            same_ref = r == old
+            assert not bool((same_dev & ~same_ref).any()), f"list {k}: an element was not written"
+            assert int(same_dev.sum()) <= max(2, old.numel() // 10000)
+
+
+def test_many_tensors_one_step():
+    h = hyper()
+    gen = torch.Generator().manual_seed(0)
+    shapes = []
+    for i in range(5000):
+        r = int(torch.randint(0, 4, (1,), generator=gen))
+        n = int(torch.randint(1, 400, (1,), generator=gen))
+        shapes.append([(n,), (3, n), (n, 3, 3), (0,)][r])
+    ref = make_case(shapes, torch.float32, seed=4)
+    dev = to_dev(ref)
+    step_dev(dev, h)
+    neptune_step_reference_multi(*ref, **h)
+    assert_case_close(dev, ref)
+
+
+def _neptune_kernel_launches(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "neptune" in e.name and e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def test_many_small_two_launches_per_step():
+    n = 10_000
+    p = [torch.randn(1000, device=DEV) for _ in range(n)]
+    g = [torch.randn(1000, device=DEV) for _ in range(n)]
+    m = [torch.zeros(1000, device=DEV) for _ in range(n)]
+    v = [torch.zeros(1000, device=DEV) for _ in range(n)]
+    s = [torch.zeros((), device=DEV) for _ in range(n)]
+    h = hyper()
+    neptune_step_(p, g, m, v, s, **h)  # first step uploads the table
+    uploads = torch.ops.neptune_ext._cuda_table_uploads()
+    names = _neptune_kernel_launches(lambda: neptune_step_(p, g, m, v, s, **h))
+    assert torch.ops.neptune_ext._cuda_table_uploads() == uploads, "steady state re-uploaded the table"
+    assert len(names) <= 2, names
+    assert all(float(x) == 2.0 for x in torch.stack(s[:10]).cpu())
+
+
+def test_found_inf_changes_nothing():
+    h = hyper()
+    ref = make_case(SHAPES, torch.float32, seed=8)
+    dev = to_dev(ref)
+    before = clone_all(dev)
+    step_dev(dev, h, found_inf=torch.ones((), device=DEV))
+    for a_list, b_list in zip(dev, before):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
+    # and found_inf == 0 steps normally
+    step_dev(dev, h, found_inf=torch.zeros((), device=DEV))
+    neptune_step_reference_multi(*ref, **h)
+    assert_case_close(dev, ref)
+
+
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
+def test_tensor_lr_on_device(lr_dtype):
+    h = hyper()
+    ref = make_case(SHAPES, torch.bfloat16, seed=9)
+    dev = to_dev(ref)
+    lr = torch.tensor(h["lr"], dtype=lr_dtype)
+    step_dev(dev, dict(h, lr=lr.to(DEV)))
+    neptune_step_reference_multi(*ref, **dict(h, lr=float(lr)))
+    assert_case_close(dev, ref)
+
+
+def test_cuda_graph_capture_matches_eager():
+    h = hyper()
+    base = make_case(SHAPES, torch.float32, seed=12)
+    eager = to_dev(clone_all(base))
+    graphed = to_dev(clone_all(base))
+    gs = torch.ones((), device=DEV)
+    fi = torch.zeros((), device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    snapshot = clone_all(graphed)
+    with torch.cuda.stream(side):
+        step_dev(graphed, h, grad_scale=gs, found_inf=fi)  # warm-up (uploads outside the graph)
+    torch.cuda.current_stream().wait_stream(side)
+    for d_list, s_list in zip(graphed, snapshot):
+        for d, s in zip(d_list, s_list):
+            d.copy_(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_dev(graphed, h, grad_scale=gs, found_inf=fi)
+    for _ in range(2):
+        graph.replay()
+        step_dev(eager, h, grad_scale=gs, found_inf=fi)
+    torch.cuda.synchronize()
+    for a_list, b_list in zip(graphed, eager):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
+    fi.fill_(1.0)  # a skipped replay changes nothing
+    before = clone_all(graphed)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a_list, b_list in zip(graphed, before):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
+
+
+def test_bad_call_writes_nothing():
+    h = hyper()
+    dev = to_dev(make_case([(5, 7), (9,)], torch.float32, seed=1))
+    before = clone_all(dev)
+    dev[2][1] = dev[2][1].double()  # wrong state dtype on the second tensor
+    with pytest.raises(RuntimeError):
+        step_dev(dev, h)
+    for k in (0, 3, 4):
+        for a, b in zip(dev[k], before[k]):
+            assert torch.equal(a, b)
+
+
+def _free_bytes():
+    free, _ = torch.cuda.mem_get_info()
+    return free
+
+
+@pytest.mark.parametrize("shape", [(2**31 + 4096,), (2**21 + 1, 1024)], ids=["1d-chunked", "2d-warp-units"])
+def test_tensor_over_2_31_elements(shape):
+    numel = 1
+    for d in shape:
+        numel *= d
+    need = numel * (2 + 2 + 4 + 4) + (2 << 30)  # bf16 W, G; fp32 M, V; slack
+    if _free_bytes() < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory")
+    # Step 1 from zero state with a gradient far below the clip threshold: s = 1 and
+    # rho = 1 for every unit, so any slice stepped alone by the reference must match.
+    h = hyper(clip=0.1, cautious=True)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    p = torch.randn(shape, generator=gen, device=DEV, dtype=torch.bfloat16)
+    g = (torch.randn(shape, generator=gen, device=DEV, dtype=torch.bfloat16) * 1e-4).to(torch.bfloat16)
+    m = torch.zeros(shape, device=DEV)
+    v = torch.zeros(shape, device=DEV)
+    s = torch.zeros((), device=DEV)
+    flat = lambda t: t.reshape(-1)  # noqa: E731
+    picks = [(0, 4096), (2**31 - 2048, 2**31 + 2048), (numel - 4096, numel)]
+    saved = [(flat(p)[a:b].cpu(), flat(g)[a:b].cpu()) for a, b in picks]
+    neptune_step_([p], [g], [m], [v], [s], **h)
+    for (a, b), (pw, pg) in zip(picks, saved):
+        rp, rm, rv, rs = pw.clone(), torch.zeros(b - a), torch.zeros(b - a), torch.zeros(())
+        if len(shape) == 2:  # whole rows of 1024 inside the slice: reference by rows
+            rp, pg, rm, rv = (t.reshape(-1, 1024) for t in (rp, pg, rm, rv))
+        neptune_step_reference_multi([rp], [pg], [rm], [rv], [rs], **h)
+        assert_param_close(flat(p)[a:b].cpu(), rp.reshape(-1), f"slice {a}:{b}")
+        assert_state_close(flat(m)[a:b].cpu(), rm.reshape(-1), f"exp_avg slice {a}:{b}")
+        assert_state_close(flat(v)[a:b].cpu(), rv.reshape(-1), f"exp_avg_sq slice {a}:{b}")
+    assert float(s) == 1.0
+    del p, g, m, v
+    torch.cuda.empty_cache()
