@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One-shot check of the CUDA operator on a lent GPU machine (no network), in < 8 minutes:
+#   info -> build in place for this GPU's arch -> CUDA tests -> compute-sanitizer
+#   (memcheck, racecheck) on a small step -> step microbenchmark (fp32, bf16) -> the rest
+#   of the test suite.
+# Every stage's output is tee'd to a log under $OUT (or bench/results/gpu_check_<card>/);
+# benchmark results go to bench/results/ (file names carry the card) and are copied to $OUT.
+# A failed stage does not stop the later ones; the exit status is non-zero if any failed.
+#
+# usage: bash bench/gpu_check.sh [--dry-run]
+#   --dry-run  print the stages without running them (works without a GPU).
+set -u
+cd "$(dirname "$0")/.." || exit 1
+
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+START=$(date +%s)
+
+if ! command -v nvidia-smi >/dev/null 2>&1 && [ "$DRY" = 0 ]; then
+  echo "gpu_check: nvidia-smi not found: no GPU on this machine (use --dry-run to see the stages)"
+  exit 3
+fi
+
+if [ "$DRY" = 1 ]; then
+  CARD="dry-run"
+  ARCH="9.0"
+else
+  CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/[^A-Za-z0-9._-]/-/g')
+  ARCH=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
+fi
+LOGDIR="${OUT:-bench/results/gpu_check_${CARD}}"
+mkdir -p "$LOGDIR" bench/results
+FAILED=()
+SUMMARY="$LOGDIR/summary.txt"
+: >"$SUMMARY"
+
+# The whole script stays under 8 minutes: each stage's limit is cut to what is left.
+DEADLINE=$((START + 465))
+
+# stage NAME TIMEOUT_S CMD...: run with a time limit, tee to $LOGDIR/NAME.log, record rc.
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((DEADLINE - $(date +%s)))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$DRY" = 0 ] && [ "$limit" -lt 5 ]; then
+    echo "=== [$name] skipped: out of time" | tee "$LOGDIR/$name.log"
+    echo "$name: skipped (out of time)" >>"$SUMMARY"
+    FAILED+=("$name(no time)")
+    return 0
+  fi
+  local log="$LOGDIR/$name.log"
+  echo "=== [$name] (limit ${limit}s, t=$(($(date +%s) - START))s) $*" | tee "$log"
+  if [ "$DRY" = 1 ]; then
+    echo "[dry-run] not run" | tee -a "$log"
+    echo "$name: dry-run" >>"$SUMMARY"
+    return 0
+  fi
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== [$name] rc=$rc ($(($(date +%s) - START))s elapsed)" | tee -a "$log"
+  echo "$name: rc=$rc" >>"$SUMMARY"
+  [ "$rc" -ne 0 ] && FAILED+=("$name(rc=$rc)")
+  return 0
+}
+
+SANITIZER=$(command -v compute-sanitizer || true)
+if [ -z "$SANITIZER" ]; then
+  for d in "${CUDA_HOME:-}" /usr/local/cuda; do
+    [ -n "$d" ] && [ -x "$d/bin/compute-sanitizer" ] && SANITIZER="$d/bin/compute-sanitizer" && break
+  done
+fi
+SANITIZER=${SANITIZER:-compute-sanitizer}
+
+stage info 20 bash -c '
+  nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+  python -c "import sys, torch; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
+  nvcc --version | tail -2; '"$SANITIZER"' --version | head -2; nproc; free -g | head -2'
+
+# Build in place against this machine's torch, for this GPU only; nothing from the network.
+stage build 150 bash -c "
+  export TORCH_CUDA_ARCH_LIST=$ARCH NEPTUNE_BUILD_CUDA=1 MAX_JOBS=\$(nproc)
+  pip install --no-build-isolation --no-deps --no-index -e . \
+    || { echo 'pip failed; trying setup.py build_ext --inplace'; python setup.py build_ext --inplace; }"
+
+stage verify 20 python -c "
+import neptune_ext, torch
+print(neptune_ext.build_info())
+assert neptune_ext.has_kernel('cuda'), neptune_ext.ops.describe_build()
+print('cuda kernel loaded on', torch.cuda.get_device_name(0))"
+
+stage pytest-cuda 100 env NEPTUNE_REQUIRE_KERNEL=1 python -m pytest -q -rs \
+  tests/test_neptune_step_cuda.py tests/test_cuda_plan.py --junitxml="$LOGDIR/pytest-cuda.xml"
+
+# The caching allocator hides out-of-bounds accesses inside its blocks: turn it off.
+stage memcheck 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+  python bench/sanitizer_step.py
+stage racecheck 45 "$SANITIZER" --tool racecheck --error-exitcode 9 python bench/sanitizer_step.py
+
+stage bench 80 python bench/bench_step.py --device cuda --dtype fp32,bf16 \
+  --sets resnet50,gpt2-small,gpt2-medium,many-small,single --single-range 16:28:4 --target-s 0.1 \
+  --out-dir bench/results --tag "$CARD"
+if [ "$DRY" = 0 ] && [ -n "${OUT:-}" ]; then
+  find bench/results -maxdepth 1 -type f -name "*${CARD}*" -newermt "@$START" -exec cp {} "$OUT"/ \;
+fi
+
+stage pytest-rest 150 python -m pytest -q -rs tests --ignore=tests/test_neptune_step_cuda.py \
+  --ignore=tests/test_cuda_plan.py --junitxml="$LOGDIR/pytest-rest.xml"
+
+echo "=== gpu_check on $CARD (arch $ARCH): $(($(date +%s) - START))s; logs in $LOGDIR"
+cat "$SUMMARY"
+if [ "${#FAILED[@]}" -gt 0 ]; then
+  echo "FAILED: ${FAILED[*]}"
+  exit 1
+fi
+echo "all stages passed"
