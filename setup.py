@@ -86,7 +86,7 @@ def main() -> None:
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected GPU") if build_cuda else ""
 
     # -ffp-contract=off: the scalar, AVX2 and AVX-512 kernels give bitwise the same result.
-    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi"]
     cpu_sources = [
         "neptune_ops.cpp",
         "neptune_step_cpu.cpp",

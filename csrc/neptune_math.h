@@ -56,9 +56,11 @@ NEPTUNE_HD void update_moments(float g, float& m, float& v, const StepConsts& c)
   v = c.beta2 * v + c.one_minus_beta2 * g * g;
 }
 
-// 2. Adam direction from the updated moments.
+// 2. Adam direction from the updated moments. The bias corrections are applied as
+// reciprocals (hoisted out of loops: one division per element instead of three); this
+// differs from the spec's literal divisions by an ulp or two, well inside the tolerance.
 NEPTUNE_HD float adam_direction(float m, float v, const StepConsts& c) {
-  return (m / c.bc1) / (NEPTUNE_SQRTF(v / c.bc2) + c.eps);
+  return (m * (1.f / c.bc1)) / (NEPTUNE_SQRTF(v * (1.f / c.bc2)) + c.eps);
 }
 
 // 3. cautious mask: momentum agrees with this gradient / the element got a gradient.
@@ -72,10 +74,10 @@ NEPTUNE_HD float rho_floor(int64_t n_agree, int64_t n_active, int cautious) {
   return fmax_(rho, kRhoFloor);
 }
 
-// 4. decoupled weight decay, then the (masked, renormalised) step.
+// 4. decoupled weight decay, then the (masked, renormalised) step; lr / rho is per unit.
 NEPTUNE_HD float new_weight(float w, float u, int keep, float rho, const StepConsts& c) {
   const float decayed = w * c.decay;
-  return keep ? decayed - c.lr * (u / rho) : decayed;
+  return keep ? decayed - (c.lr / rho) * u : decayed;
 }
 
 // Whole element, for a unit whose clip factor s and rho are known: g is the raw

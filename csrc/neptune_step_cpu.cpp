@@ -20,6 +20,7 @@
 namespace neptune {
 namespace {
 
+#if defined(__x86_64__)
 bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -28,6 +29,10 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
          __builtin_cpu_supports("bmi2");
 }
+#else
+bool cpu_has_avx512() { return false; }
+bool cpu_has_avx2() { return false; }
+#endif
 
 // The best kernel set this CPU runs; NEPTUNE_CPU_ISA=scalar|avx2|avx512 picks one (for
 // tests and benchmarks). Read at every call so a process can compare them.

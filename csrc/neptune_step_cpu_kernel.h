@@ -5,8 +5,8 @@
 // Math is neptune_math.h; this file only walks memory. Build with -ffp-contract=off so
 // every ISA build gives bitwise the same result (lane-wise sums, no FMA contraction).
 
-#ifndef NEPTUNE_CPU_ISA
-#error "define NEPTUNE_CPU_ISA (scalar, avx2, avx512) before including this file"
+#if !defined(NEPTUNE_CPU_ISA) || !defined(NEPTUNE_CPU_WIDTH)
+#error "define NEPTUNE_CPU_ISA (scalar, avx2, avx512) and NEPTUNE_CPU_WIDTH before including this file"
 #endif
 
 namespace neptune {
@@ -72,6 +72,91 @@ inline float lane_sum(const float* a) {
   return t[0] + t[1];
 }
 
+// Native vectors (GCC vector extensions): 16 lanes on AVX-512, 8 on AVX2, 4 on SSE2.
+// A reduction keeps kLanes logical lanes in kRegs registers, so the summation order is
+// the same on every ISA; vectors wider than the hardware would be lowered lane by lane.
+// (g++ does not define __AVX2__ etc. after `#pragma GCC target`: the ISA file says.)
+constexpr int kWidth = NEPTUNE_CPU_WIDTH;
+constexpr int kRegs = kLanes / kWidth;
+typedef float vf __attribute__((vector_size(4 * kWidth)));
+typedef int32_t vi __attribute__((vector_size(4 * kWidth)));
+typedef uint32_t vu __attribute__((vector_size(4 * kWidth)));
+typedef uint16_t vh __attribute__((vector_size(2 * kWidth)));
+
+template <int D> struct VLoad;
+template <> struct VLoad<kF32> {
+  static vf load(const float* p) {
+    vf r;
+    __builtin_memcpy(&r, p, sizeof(r));
+    return r;
+  }
+};
+template <> struct VLoad<kBF16> {
+  static vf load(const uint16_t* p) {
+    vh h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+  }
+};
+template <> struct VLoad<kF16> {
+  static vf load(const uint16_t* p) {
+    vh h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    const vu w = __builtin_convertvector(h, vu) << 16;
+    const vu sign = w & 0x80000000u;
+    const vu two_w = w + w;
+    const vf normalized = (vf)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const vf denormalized = (vf)((two_w >> 17) | (126u << 23)) - 0.5f;
+    const vu r = (two_w < (1u << 27)) ? (vu)denormalized : (vu)normalized;
+    return (vf)(sign | r);
+  }
+};
+
+inline vu select(vu mask, vu a, vu b) { return (mask & a) | (~mask & b); }
+
+template <int D> struct VStore;
+template <> struct VStore<kF32> {
+  static void store(float* p, vf x) { __builtin_memcpy(p, &x, sizeof(x)); }
+};
+template <> struct VStore<kBF16> {
+  static void store(uint16_t* p, vf f) {
+    const vu u = (vu)f;
+    const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const vh h = __builtin_convertvector(select((vu)(f != f), (vu){} + 0x7FC0u, rounded), vh);
+    __builtin_memcpy(p, &h, sizeof(h));
+  }
+};
+template <> struct VStore<kF16> {
+  static void store(uint16_t* p, vf f) {
+    vf base = ((vf)((vu)f & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+    const vu w = (vu)f;
+    const vu shl1_w = w + w;
+    const vu sign = w & 0x80000000u;
+    vu bias = shl1_w & 0xFF000000u;
+    bias = select((vu)(bias < 0x71000000u), (vu){} + 0x71000000u, bias);
+    base = (vf)((bias >> 1) + 0x07800000u) + base;
+    const vu bits = (vu)base;
+    const vu nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    const vu r = (sign >> 16) | select((vu)(shl1_w > 0xFF000000u), (vu){} + 0x7E00u, nonsign);
+    const vh h = __builtin_convertvector(r, vh);
+    __builtin_memcpy(p, &h, sizeof(h));
+  }
+};
+
+inline vf vsqrt(vf x) {
+#if NEPTUNE_CPU_WIDTH == 16
+  return (vf)_mm512_sqrt_ps((__m512)x);
+#elif NEPTUNE_CPU_WIDTH == 8
+  return (vf)_mm256_sqrt_ps((__m256)x);
+#elif defined(__x86_64__)
+  return (vf)_mm_sqrt_ps((__m128)x);
+#else
+  vf r;
+  for (int j = 0; j < kWidth; ++j) r[j] = __builtin_sqrtf(x[j]);
+  return r;
+#endif
+}
+
 // Squared norms of W and of the rule's gradient over [b, e).
 template <int D>
 void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g_sq) {
@@ -79,24 +164,27 @@ void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g
   const typename E::T* __restrict w = static_cast<const typename E::T*>(a.w);
   const typename E::T* __restrict g = static_cast<const typename E::T*>(a.g);
   const float gmul = a.c.gmul;
-  float aw[kLanes] = {}, ag[kLanes] = {};
+  vf aw[kRegs] = {}, ag[kRegs] = {};
   int64_t i = b;
   for (; i + kLanes <= e; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const float x = E::load(w[i + j]);
-      const float y = E::load(g[i + j]) * gmul;
-      aw[j] += x * x;
-      ag[j] += y * y;
+    for (int r = 0; r < kRegs; ++r) {
+      const vf x = VLoad<D>::load(w + i + r * kWidth);
+      const vf y = VLoad<D>::load(g + i + r * kWidth) * gmul;
+      aw[r] += x * x;
+      ag[r] += y * y;
     }
   }
+  float lw[kLanes], lg[kLanes];
+  __builtin_memcpy(lw, aw, sizeof(lw));
+  __builtin_memcpy(lg, ag, sizeof(lg));
   for (int j = 0; i < e; ++i, ++j) {
     const float x = E::load(w[i]);
     const float y = E::load(g[i]) * gmul;
-    aw[j] += x * x;
-    ag[j] += y * y;
+    lw[j] += x * x;
+    lg[j] += y * y;
   }
-  *w_sq = lane_sum(aw);
-  *g_sq = lane_sum(ag);
+  *w_sq = lane_sum(lw);
+  *g_sq = lane_sum(lg);
 }
 
 // Agreement and activity counts over [b, e) (e - b < 2^31), without writing anything:
@@ -108,34 +196,34 @@ void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_
   const typename E::T* __restrict gp = static_cast<const typename E::T*>(a.g);
   const float* __restrict mp = a.m;
   const StepConsts c = a.c;
-  int32_t ca[kLanes] = {}, cb[kLanes] = {};
+  vi ca = {}, cb = {};
   int64_t i = b;
-  for (; i + kLanes <= e; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const float g = grad_in(E::load(gp[i + j]), c) * s;
-      const float m = c.beta1 * mp[i + j] + c.one_minus_beta1 * g;
-      ca[j] += agrees(m, g);
-      cb[j] += active(g);
-    }
-  }
-  for (int j = 0; i < e; ++i, ++j) {
-    const float g = grad_in(E::load(gp[i]), c) * s;
-    const float m = c.beta1 * mp[i] + c.one_minus_beta1 * g;
-    ca[j] += agrees(m, g);
-    cb[j] += active(g);
+  for (; i + kWidth <= e; i += kWidth) {
+    const vf g = (VLoad<D>::load(gp + i) * c.gmul) * s;
+    const vf m = c.beta1 * VLoad<kF32>::load(mp + i) + c.one_minus_beta1 * g;
+    ca -= (m * g > 0.f);  // comparisons give -1 for true
+    cb -= (g != 0.f);
   }
   int64_t sa = 0, sb = 0;
-  for (int j = 0; j < kLanes; ++j) {
+  for (int j = 0; j < kWidth; ++j) {
     sa += ca[j];
     sb += cb[j];
+  }
+  for (; i < e; ++i) {
+    const float g = grad_in(E::load(gp[i]), c) * s;
+    const float m = c.beta1 * mp[i] + c.one_minus_beta1 * g;
+    sa += agrees(m, g);
+    sb += active(g);
   }
   *n_agree += sa;
   *n_active += sb;
 }
 
-// The streaming pass: read W, G, M, V once, write W, M, V once.
+// The streaming pass: read W, G, M, V once, write W, M, V once. The vector body is the
+// same arithmetic as neptune_math.h's element_step (used for the tail), op for op.
 template <int D, int CAUTIOUS>
-void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho) {
+void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho,
+              int64_t prefetch_next = 0) {
   using E = Elem<D>;
   typename E::T* __restrict wp = static_cast<typename E::T*>(a.w);
   const typename E::T* __restrict gp = static_cast<const typename E::T*>(a.g);
@@ -143,7 +231,30 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho) 
   float* __restrict vp = a.v;
   StepConsts c = a.c;
   c.cautious = CAUTIOUS;
-  for (int64_t i = b; i < e; ++i) {
+  const float inv_bc1 = 1.f / c.bc1, inv_bc2 = 1.f / c.bc2, lr_rho = c.lr / rho;
+  const int64_t pf_end = e + prefetch_next, pf_shift = e - b;
+  int64_t i = b;
+  for (; i + kWidth <= e; i += kWidth) {
+    if (i + pf_shift < pf_end) {  // the next unit, so DRAM keeps streaming
+      __builtin_prefetch(wp + i + pf_shift, 0, 3);
+      __builtin_prefetch(gp + i + pf_shift, 0, 3);
+      __builtin_prefetch(mp + i + pf_shift, 0, 3);
+      __builtin_prefetch(vp + i + pf_shift, 0, 3);
+    }
+    const vf g = (VLoad<D>::load(gp + i) * c.gmul) * s;
+    vf m = VLoad<kF32>::load(mp + i);
+    vf v = VLoad<kF32>::load(vp + i);
+    m = c.beta1 * m + c.one_minus_beta1 * g;
+    v = c.beta2 * v + c.one_minus_beta2 * g * g;
+    const vf u = (m * inv_bc1) / (vsqrt(v * inv_bc2) + c.eps);
+    const vf decayed = VLoad<D>::load(wp + i) * c.decay;
+    vf w = decayed - lr_rho * u;
+    if (CAUTIOUS) w = (vf)select((vu)(m * g > 0.f), (vu)w, (vu)decayed);
+    VStore<kF32>::store(mp + i, m);
+    VStore<kF32>::store(vp + i, v);
+    VStore<D>::store(wp + i, w);
+  }
+  for (; i < e; ++i) {
     float m = mp[i], v = vp[i];
     const float w = element_step(E::load(wp[i]), E::load(gp[i]), m, v, s, rho, c);
     mp[i] = m;
@@ -153,32 +264,39 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho) 
 }
 
 template <int D>
-void update_d(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho) {
+void update_d(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho,
+              int64_t prefetch_next = 0) {
   if (a.c.cautious)
-    update_t<D, 1>(a, b, e, s, rho);
+    update_t<D, 1>(a, b, e, s, rho, prefetch_next);
   else
-    update_t<D, 0>(a, b, e, s, rho);
+    update_t<D, 0>(a, b, e, s, rho, prefetch_next);
 }
 
-// Whole units, each stepped while its data is in cache: norms, counts, update.
+// Whole units, each stepped while its data is in cache: norms, counts, update. With
+// several short passes per unit, DRAM would idle during the in-cache ones (each unit a
+// latency-bound burst of misses), so the update pass prefetches the next unit: DRAM
+// streams while the core works in cache.
 template <int D>
 void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue) {
   const int64_t L = a.unit_len;
+  const int64_t n_units = a.numel / L;
+  const bool clip = a.c.clip > 0.f, cautious = a.c.cautious != 0;
   for (int64_t u = ub; u < ue; ++u) {
     const int64_t b = u * L, e = b + L;
     float s = 1.f;
-    if (a.c.clip > 0.f) {
+    if (clip) {
       float w_sq, g_sq;
       norms_t<D>(a, b, e, &w_sq, &g_sq);
       s = clip_factor(w_sq, g_sq, a.c.clip);
     }
     float rho = 1.f;
-    if (a.c.cautious) {
+    if (cautious) {
       int64_t n_agree = 0, n_active = 0;
       counts_t<D>(a, b, e, s, &n_agree, &n_active);
       rho = rho_floor(n_agree, n_active, 1);
     }
-    update_d<D>(a, b, e, s, rho);
+    const bool multi_pass = clip || cautious;
+    update_d<D>(a, b, e, s, rho, multi_pass && u + 1 < n_units ? L : 0);
   }
 }
 
