@@ -154,7 +154,11 @@ void neptune_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tens
       tasks.push_back({(int32_t)i, u, std::min(u + per_task, n_units)});
   }
   at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) k.units(args[tasks[t].tensor], tasks[t].unit_begin, tasks[t].unit_end);
+    for (int64_t t = t0; t < t1; ++t) {
+      const bool more = t + 1 < t1;
+      k.units(args[tasks[t].tensor], tasks[t].unit_begin, tasks[t].unit_end,
+              more ? &args[tasks[t + 1].tensor] : nullptr, more ? tasks[t + 1].unit_begin : 0);
+    }
   });
   for (int32_t i : long_tensors) {
     const CpuTensorArgs& a = args[i];

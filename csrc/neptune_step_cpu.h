@@ -28,8 +28,10 @@ constexpr int64_t kCpuChunk = 32768;
 
 struct CpuKernels {
   const char* isa;
-  // Whole units [unit_begin, unit_end) of one tensor, each unit_len <= kCpuChunk.
-  void (*units)(const CpuTensorArgs& t, int64_t unit_begin, int64_t unit_end);
+  // Whole units [unit_begin, unit_end) of one tensor, each unit_len <= kCpuChunk;
+  // `after` (may be null) and `after_unit` name the unit this thread steps next.
+  void (*units)(const CpuTensorArgs& t, int64_t unit_begin, int64_t unit_end, const CpuTensorArgs* after,
+                int64_t after_unit);
   // Pieces of one long unit, over elements [b, e):
   void (*norms)(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq);
   void (*counts)(const CpuTensorArgs& t, int64_t b, int64_t e, float s, int64_t* n_agree,

@@ -219,11 +219,34 @@ void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_
   *n_active += sb;
 }
 
+// Memory of the unit to be stepped after this one (maybe in another tensor): the update
+// pass prefetches it, element for element, so DRAM streams while the core works in cache.
+struct NextUnit {
+  const char* w = nullptr;
+  const char* g = nullptr;
+  const float* m = nullptr;
+  const float* v = nullptr;
+  int64_t len = 0;
+  int64_t elem_size = 0;
+};
+
+NextUnit next_unit_of(const CpuTensorArgs& a, int64_t unit) {
+  const int64_t es = a.dtype == kF32 ? 4 : 2;
+  const int64_t off = unit * a.unit_len;
+  NextUnit n;
+  n.w = static_cast<const char*>(a.w) + off * es;
+  n.g = static_cast<const char*>(a.g) + off * es;
+  n.m = a.m + off;
+  n.v = a.v + off;
+  n.len = a.unit_len;
+  n.elem_size = es;
+  return n;
+}
+
 // The streaming pass: read W, G, M, V once, write W, M, V once. The vector body is the
 // same arithmetic as neptune_math.h's element_step (used for the tail), op for op.
 template <int D, int CAUTIOUS>
-void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho,
-              int64_t prefetch_next = 0) {
+void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, const NextUnit& next) {
   using E = Elem<D>;
   typename E::T* __restrict wp = static_cast<typename E::T*>(a.w);
   const typename E::T* __restrict gp = static_cast<const typename E::T*>(a.g);
@@ -232,14 +255,15 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho,
   StepConsts c = a.c;
   c.cautious = CAUTIOUS;
   const float inv_bc1 = 1.f / c.bc1, inv_bc2 = 1.f / c.bc2, lr_rho = c.lr / rho;
-  const int64_t pf_end = e + prefetch_next, pf_shift = e - b;
+  const int64_t pf_end = b + next.len;
   int64_t i = b;
   for (; i + kWidth <= e; i += kWidth) {
-    if (i + pf_shift < pf_end) {  // the next unit, so DRAM keeps streaming
-      __builtin_prefetch(wp + i + pf_shift, 0, 3);
-      __builtin_prefetch(gp + i + pf_shift, 0, 3);
-      __builtin_prefetch(mp + i + pf_shift, 0, 3);
-      __builtin_prefetch(vp + i + pf_shift, 0, 3);
+    if (i < pf_end) {
+      const int64_t r = i - b;
+      __builtin_prefetch(next.w + r * next.elem_size, 0, 3);
+      __builtin_prefetch(next.g + r * next.elem_size, 0, 3);
+      __builtin_prefetch(next.m + r, 0, 3);
+      __builtin_prefetch(next.v + r, 0, 3);
     }
     const vf g = (VLoad<D>::load(gp + i) * c.gmul) * s;
     vf m = VLoad<kF32>::load(mp + i);
@@ -265,21 +289,21 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho,
 
 template <int D>
 void update_d(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho,
-              int64_t prefetch_next = 0) {
+              const NextUnit& next = NextUnit()) {
   if (a.c.cautious)
-    update_t<D, 1>(a, b, e, s, rho, prefetch_next);
+    update_t<D, 1>(a, b, e, s, rho, next);
   else
-    update_t<D, 0>(a, b, e, s, rho, prefetch_next);
+    update_t<D, 0>(a, b, e, s, rho, next);
 }
 
 // Whole units, each stepped while its data is in cache: norms, counts, update. With
 // several short passes per unit, DRAM would idle during the in-cache ones (each unit a
-// latency-bound burst of misses), so the update pass prefetches the next unit: DRAM
-// streams while the core works in cache.
+// latency-bound burst of misses), so the update pass prefetches the next unit: the
+// following one in this tensor, or `after` (the first unit of the thread's next task,
+// often another tensor, where the hardware prefetchers lose the stream anyway).
 template <int D>
-void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue) {
+void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs* after, int64_t after_unit) {
   const int64_t L = a.unit_len;
-  const int64_t n_units = a.numel / L;
   const bool clip = a.c.clip > 0.f, cautious = a.c.cautious != 0;
   for (int64_t u = ub; u < ue; ++u) {
     const int64_t b = u * L, e = b + L;
@@ -295,8 +319,13 @@ void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue) {
       counts_t<D>(a, b, e, s, &n_agree, &n_active);
       rho = rho_floor(n_agree, n_active, 1);
     }
-    const bool multi_pass = clip || cautious;
-    update_d<D>(a, b, e, s, rho, multi_pass && u + 1 < n_units ? L : 0);
+    NextUnit next;
+    if (u + 1 < ue) {
+      if (clip || cautious) next = next_unit_of(a, u + 1);
+    } else if (after != nullptr) {
+      next = next_unit_of(*after, after_unit);
+    }
+    update_d<D>(a, b, e, s, rho, next);
   }
 }
 
@@ -308,8 +337,9 @@ void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue) {
     default: FN<kF32>(__VA_ARGS__); break;     \
   }
 
-void units_entry(const CpuTensorArgs& t, int64_t ub, int64_t ue) {
-  NEPTUNE_DTYPE_SWITCH(t.dtype, units_t, t, ub, ue)
+void units_entry(const CpuTensorArgs& t, int64_t ub, int64_t ue, const CpuTensorArgs* after,
+                 int64_t after_unit) {
+  NEPTUNE_DTYPE_SWITCH(t.dtype, units_t, t, ub, ue, after, after_unit)
 }
 void norms_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq) {
   NEPTUNE_DTYPE_SWITCH(t.dtype, norms_t, t, b, e, w_sq, g_sq)
