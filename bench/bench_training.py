@@ -44,7 +44,7 @@ PRESETS = {
 }
 LR_GRID = {"neptune": [1e-3, 3e-3, 1e-2, 3e-2], "adamw": [1e-3, 3e-3, 1e-2, 3e-2], "sgd": [0.01, 0.03, 0.1, 0.3]}
 CLIP_GRID = [0.03, 0.1, 0.3]  # Neptune's clip, swept at Neptune's best lr (0.1 = the default)
-QUICK_LR = {"neptune": 1e-2, "adamw": 1e-2, "sgd": 0.1}
+QUICK_LR = lib.DEFAULT_LR  # the digits sweep's choices
 
 # -- workers ----------------------------------------------------------------------------
 
@@ -162,6 +162,7 @@ def job(args, phase, arm, cfg):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.load_start = os.getloadavg()[0]
     if args.jobs == 1:
         _init_worker(args.dataset, args.data_dir, args.threads)
     t_start = time.perf_counter()
@@ -297,6 +298,11 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
              f"on {args.device} ({platform.processor() or platform.machine()}, {args.jobs} worker(s) x {args.threads} thread(s), "
              f"torch {torch.__version__}).")
     L.append("")
+    if args.device == "cpu":
+        L.append(f"Load average (1 min) at start/end: {args.load_start:.1f} / {os.getloadavg()[0]:.1f} on "
+                 f"{os.cpu_count()} cores. The seconds columns are wall time of runs sharing that machine "
+                 f"({args.jobs} parallel worker(s)); read them as rough, and epochs-to-target as the speed measure.")
+        L.append("")
     L.append(f"Setup: ResNet-9 style net (examples/cifar_train_lib.py), width {args.width}, {args.epochs} epochs, batch "
              f"{args.batch_size}, training subset {args.train_size or 'all'} images (class-balanced, chosen by the seed), "
              "flip (CIFAR only) + translate augmentation, label smoothing 0.2, linear warm-up (20% of steps) then linear "
@@ -375,6 +381,20 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
                 verdict = "no significant difference" if abs(m) <= 2 * se else ("better" if m > 0 else "worse")
                 L.append(f"| {arm} | {100 * m:+.2f} | {100 * se:.2f} | {verdict} |")
             L.append("")
+    two_by_two = {"adamw": "adamw"} if "neptune" in arms and best_lr.get("adamw") == best_lr.get("neptune") else {}
+    lr_n = best_lr.get("neptune")
+    if lr_n is not None and f"adamw lr={lr_n:g}" in arms:
+        two_by_two = {"adamw": f"adamw lr={lr_n:g}"}
+    if two_by_two and {"neptune clip=0", "neptune cautious=False"} <= set(arms):
+        # Neptune with clip=0 and cautious=False is AdamW: the four arms form a 2x2 design at one lr
+        cell = {}
+        for key, arm in {(0, 0): two_by_two["adamw"], (1, 0): "neptune cautious=False",
+                         (0, 1): "neptune clip=0", (1, 1): "neptune"}.items():
+            cell[key] = pct(*mstd([r["final_test_acc"] for r in final if r["arm"] == arm])[:1])
+        L += [f"### 2x2: clipping x cautious mask at lr {lr_n:g} (mean final test acc, %)", "",
+              "| | cautious off | cautious on |", "|---|---|---|",
+              f"| clip off | {cell[(0, 0)]} (= AdamW) | {cell[(0, 1)]} |",
+              f"| clip on (0.1) | {cell[(1, 0)]} | {cell[(1, 1)]} (= Neptune) |", ""]
     L += [f"Plot: `{stem}.png`. Every run: `{stem}.csv` (per-epoch test accuracy in `test_acc_curve`).", ""]
     return "\n".join(L)
 
