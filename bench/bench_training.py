@@ -297,6 +297,17 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
              f"{' --dataset cifar10 --data-dir ...' if args.dataset == 'cifar10' else ''}` in {total / 60:.1f} min "
              f"on {args.device} ({platform.processor() or platform.machine()}, {args.jobs} worker(s) x {args.threads} thread(s), "
              f"torch {torch.__version__}).")
+    try:
+        import subprocess
+
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        head = ""
+    from neptune_ext import build_info
+
+    L.append(f"Code: git {head or '?'} (uncommitted changes not tracked here); Neptune CPU kernel ISA: "
+             f"{build_info().get('cpu_isa', '?')}. Adam-family trajectories are chaotic (spec, 'Numerics'): a kernel change "
+             "that moves rounding changes individual runs, not the statistics.")
     L.append("")
     if args.device == "cpu":
         L.append(f"Load average (1 min) at start/end: {args.load_start:.1f} / {os.getloadavg()[0]:.1f} on "
