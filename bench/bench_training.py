@@ -151,6 +151,15 @@ def parse_args(argv=None):
     return args
 
 
+def git_head() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
 def base_cfg(args, optimizer, lr, seed, **kw):
     return dict(optimizer=optimizer, lr=lr, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
                 width=args.width, train_size=args.train_size, **kw)
@@ -163,6 +172,7 @@ def job(args, phase, arm, cfg):
 def main(argv=None):
     args = parse_args(argv)
     args.load_start = os.getloadavg()[0]
+    args.git_head = git_head()
     if args.jobs == 1:
         _init_worker(args.dataset, args.data_dir, args.threads)
     t_start = time.perf_counter()
@@ -297,15 +307,11 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
              f"{' --dataset cifar10 --data-dir ...' if args.dataset == 'cifar10' else ''}` in {total / 60:.1f} min "
              f"on {args.device} ({platform.processor() or platform.machine()}, {args.jobs} worker(s) x {args.threads} thread(s), "
              f"torch {torch.__version__}).")
-    try:
-        import subprocess
-
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        head = ""
     from neptune_ext import build_info
 
-    L.append(f"Code: git {head or '?'} (uncommitted changes not tracked here); Neptune CPU kernel ISA: "
+    head = args.git_head
+
+    L.append(f"Code: git {head or '?'} at the start (uncommitted changes not tracked here); Neptune CPU kernel ISA: "
              f"{build_info().get('cpu_isa', '?')}. Adam-family trajectories are chaotic (spec, 'Numerics'): a kernel change "
              "that moves rounding changes individual runs, not the statistics.")
     L.append("")
