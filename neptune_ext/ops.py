@@ -45,12 +45,18 @@ HAS_CPU_EXT = _load("_C")
 HAS_CUDA_EXT = _load("_C_cuda") if (_built().get("cuda") and torch.version.cuda) else False
 
 
+def _query_kernel(dispatch_key: str) -> bool:
+    return HAS_CPU_EXT and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, dispatch_key)
+
+
+# Registrations happen when the extensions load (above); a plain dict keeps the lookup
+# traceable by torch.compile.
+_KERNELS = {"cpu": _query_kernel("CPU"), "cuda": _query_kernel("CUDA")}
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether a compiled kernel for this device type ('cpu', 'cuda', ...) is registered."""
-    if not HAS_CPU_EXT:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, key)
+    return _KERNELS.get(device_type, False)
 
 
 def build_info() -> dict:

@@ -39,7 +39,7 @@ def validate_hyperparameters(group: dict) -> None:
     _check_range("weight_decay", wd, isinstance(wd, (int, float)) and wd >= 0, ">= 0")
     clip = group["clip"]
     _check_range("clip", clip, isinstance(clip, (int, float)) and clip >= 0, ">= 0 (0 turns clipping off)")
-    for flag in ("cautious", "maximize"):
+    for flag in ("cautious", "maximize", "capturable", "skip_nonfinite"):
         _check_range(flag, group[flag], isinstance(group[flag], bool), "True or False")
     impl = group["implementation"]
     _check_range("implementation", impl, impl in _IMPLEMENTATIONS, " | ".join(_IMPLEMENTATIONS))
@@ -66,6 +66,21 @@ class Neptune(Optimizer):
         implementation: "auto" (the compiled operator where one is built for the device,
             else the reference with a warning; NEPTUNE_REQUIRE_KERNEL=1 makes that an
             error), "op" (the operator or an error) or "reference" (pure PyTorch).
+        capturable: allow the step to be captured in a CUDA graph. State (``step``) is
+            always on the param's device and the CUDA operator never syncs with the host,
+            so this only lifts the guard that stops an accidental capture; pass ``lr`` as
+            a CUDA tensor for a schedule that changes between replays.
+        skip_nonfinite: skip the whole step of a group (params, moments and ``step``
+            unchanged), decided on the device with no host sync, when any of its
+            gradients holds an inf or NaN. Off by default, as in torch's AdamW, where
+            non-finite gradients propagate into the params.
+
+    Distributed: DDP and ``ZeroRedundancyOptimizer(optimizer_class=Neptune)`` work as they
+    do for AdamW. With FSDP2 (``fully_shard``, DTensor params) the operator steps the local
+    shards: rows of a weight sharded along dim 0 are whole units, so that is exact with no
+    communication; a DTensor whose units are split across ranks (a 1-D param sharded along
+    dim 0, or a shard along another dim) is gathered, stepped whole identically on every
+    rank, and its local shard written back.
 
     State per parameter: ``step`` (float32 scalar on the param's device), ``exp_avg`` and
     ``exp_avg_sq`` (float32 whatever the param dtype).
@@ -86,10 +101,13 @@ class Neptune(Optimizer):
         maximize: bool = False,
         *,
         implementation: str = "auto",
+        capturable: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip,
             cautious=cautious, maximize=maximize, implementation=implementation,
+            capturable=capturable, skip_nonfinite=skip_nonfinite,
         )
         validate_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -102,11 +120,19 @@ class Neptune(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("implementation", "auto")
+            group.setdefault("capturable", False)
+            group.setdefault("skip_nonfinite", False)
 
     # -- state ---------------------------------------------------------------------------
 
-    def _init_group(self, group: dict) -> tuple[list, list, list, list, list]:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    def _init_group(self, group: dict, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
+                    steps: list) -> bool:
+        """Fill the lists with the group's params that have a grad, creating their state.
+
+        Same convention as torch's own optimizers (the lists are filled in place and the
+        return value is a constant), which torch.compile special-cases so that this loop
+        is not traced at every step.
+        """
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -129,7 +155,7 @@ class Neptune(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, steps
+        return False
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As Optimizer.load_state_dict, but state stays float32 whatever the param dtype
@@ -174,13 +200,18 @@ class Neptune(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_capture()
 
         # Set by torch.amp.GradScaler for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
 
         # Collect (and validate) every group before anything is written.
-        collected = [(group, self._init_group(group)) for group in self.param_groups]
+        collected = []
+        for group in self.param_groups:
+            lists: tuple[list, ...] = ([], [], [], [], [])
+            self._init_group(group, *lists)
+            collected.append((group, lists))
         for group, lists in collected:
             if not lists[0]:
                 continue
@@ -189,16 +220,89 @@ class Neptune(Optimizer):
                 weight_decay=group["weight_decay"], eps=group["eps"], clip=group["clip"],
                 cautious=group["cautious"], maximize=group["maximize"],
             )
-            grouped = Optimizer._group_tensors_by_device_and_dtype(list(lists))
+            local, gathered = _split_dtensors(lists)
+            grouped = Optimizer._group_tensors_by_device_and_dtype(local) if local[0] else {}
             for (device, _dtype), (tensors, _) in grouped.items():
-                scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
-                inf = found_inf.to(device, non_blocking=True) if found_inf is not None else None
-                lr = hyper["lr"]
-                if isinstance(lr, Tensor) and lr.device != device and device.type != "cpu":
-                    lr = lr.to(device)
-                kw = dict(hyper, lr=lr, grad_scale=scale, found_inf=inf)
-                if self._use_op(device, group["implementation"]):
-                    ops.neptune_step_(*tensors, **kw)
-                else:
-                    neptune_step_reference_multi(*tensors, **kw)
+                if device is None:  # torch.compile skips the grouping (one device assumed)
+                    device = tensors[0][0].device
+                self._step_tensors(group, device, tensors, hyper, grad_scale, found_inf)
+            for item in gathered:  # DTensors whose units span ranks: step them whole
+                full = [t.full_tensor() for t in item[:4]]
+                self._step_tensors(group, full[0].device, [[t] for t in full] + [[item[4]]], hyper,
+                                   grad_scale, found_inf)
+                for dst, src in ((item[0], full[0]), (item[2], full[2]), (item[3], full[3])):
+                    dst.to_local().copy_(_local_shard_of(src, dst))
         return loss
+
+    def _step_tensors(self, group, device, tensors, hyper, grad_scale, found_inf) -> None:
+        scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
+        inf = found_inf.to(device, non_blocking=True) if found_inf is not None else None
+        if group["skip_nonfinite"]:
+            nonfinite = torch.zeros(1, dtype=torch.float32, device=device)
+            # Only checks here (an inverse scale of 1 leaves the grads as they are).
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                list(tensors[1]), nonfinite, torch.ones(1, dtype=torch.float32, device=device)
+            )
+            inf = nonfinite if inf is None else inf + nonfinite
+        lr = hyper["lr"]
+        if isinstance(lr, Tensor) and lr.device != device and device.type != "cpu":
+            lr = lr.to(device)
+        kw = dict(hyper, lr=lr, grad_scale=scale, found_inf=inf)
+        if self._use_op(device, group["implementation"]):
+            ops.neptune_step_(*tensors, **kw)
+        else:
+            neptune_step_reference_multi(*tensors, **kw)
+
+    def _check_capture(self) -> None:
+        if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
+            return
+        if not all(group["capturable"] for group in self.param_groups):
+            raise RuntimeError(
+                "Neptune.step() is being captured in a CUDA graph but the optimizer was built with "
+                "capturable=False; build it with Neptune(..., capturable=True) (and warm it up with a "
+                "few eager steps before capture)"
+            )
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.device.type != "cuda":
+                    raise RuntimeError(f"Neptune: CUDA graph capture needs CUDA params, got one on {p.device}")
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "placements")
+
+
+def _units_are_local(t: Tensor) -> bool:
+    """A DTensor's local shard holds whole units: replicated, or rows of an ndim >= 2 param."""
+    for placement in t.placements:
+        if placement.is_replicate():
+            continue
+        if placement.is_shard() and placement.dim == 0 and t.dim() >= 2:
+            continue
+        return False
+    return True
+
+
+def _split_dtensors(lists):
+    """(plain lists with DTensors replaced by their local shards, DTensors to step whole)."""
+    params = lists[0]
+    if not any(_is_dtensor(p) for p in params):
+        return list(lists), []
+    local = [[] for _ in lists]
+    gathered = []
+    for i, p in enumerate(params):
+        item = [lst[i] for lst in lists]
+        if _is_dtensor(p) and not _units_are_local(p):
+            gathered.append(item)
+            continue
+        for dst, t in zip(local, item):
+            dst.append(t.to_local() if _is_dtensor(t) else t)
+    return local, gathered
+
+
+def _local_shard_of(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard of a replicated full tensor, with `like`'s placements."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    replicated = DTensor.from_local(full, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
+    return replicated.redistribute(like.device_mesh, like.placements).to_local()
