@@ -126,7 +126,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data")
     p.add_argument("--quick", action="store_true", help="1 seed, 3 arms, fixed lrs, 3 epochs (a demo, not a result)")
     p.add_argument("--seeds", type=int, default=20, help="seeds per arm in the final comparison")
-    p.add_argument("--sweep-seeds", type=int, default=3)
+    p.add_argument("--sweep-seeds", type=int, default=5)
     for k in ("epochs", "batch_size", "width", "train_size"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     p.add_argument("--target", type=float, default=None, help="test accuracy for time-to-target")
@@ -218,17 +218,22 @@ def main(argv=None):
         best_clip = max(by_clip, key=by_clip.get)
 
         seeds = list(range(args.seeds))
-        lr_n = best_lr["neptune"]
+        lr_n, lr_a = best_lr["neptune"], best_lr["adamw"]
         arms = {
             "neptune": base_cfg(args, "neptune", lr_n, 0),
-            "adamw": base_cfg(args, "adamw", best_lr["adamw"], 0),
+            "adamw": base_cfg(args, "adamw", lr_a, 0),
             "sgd": base_cfg(args, "sgd", best_lr["sgd"], 0),
-            "neptune clip=0": base_cfg(args, "neptune", lr_n, 0, clip=0.0),
-            "neptune cautious=False": base_cfg(args, "neptune", lr_n, 0, cautious=False),
         }
-        if best_lr["adamw"] != lr_n:
-            # Neptune with clip=0 and cautious=False *is* AdamW: this arm completes the 2x2 at Neptune's lr
-            arms[f"adamw lr={lr_n:g}"] = base_cfg(args, "adamw", lr_n, 0)
+        # Ablations: Neptune with clip=0 and cautious=False *is* AdamW, so {AdamW, clip only, mask only,
+        # Neptune} is a 2x2 design at one lr. Run it at Neptune's lr and at AdamW's when they differ.
+        for lr in sorted({lr_n, lr_a}):
+            sfx = "" if lr == lr_n else f" lr={lr:g}"
+            if lr != lr_n:
+                arms[f"neptune lr={lr:g}"] = base_cfg(args, "neptune", lr, 0)
+            if lr != lr_a:
+                arms[f"adamw lr={lr:g}"] = base_cfg(args, "adamw", lr, 0)
+            arms["neptune clip=0" + sfx] = base_cfg(args, "neptune", lr, 0, clip=0.0)
+            arms["neptune cautious=False" + sfx] = base_cfg(args, "neptune", lr, 0, cautious=False)
         if best_clip not in (0.1, 0.0):
             arms[f"neptune clip={best_clip:g}"] = base_cfg(args, "neptune", lr_n, 0, clip=best_clip)
 
@@ -240,7 +245,7 @@ def main(argv=None):
     stem = os.path.join(args.out_dir, f"training_{args.dataset}" + ("_quick" if args.quick else ""))
     write_csv(stem + ".csv", runs)
     plot(stem + ".png", runs, list(arms), args)
-    md = report(runs, list(arms), best_lr, best_clip, args, total, os.path.basename(stem))
+    md = report(runs, arms, best_lr, best_clip, args, total, os.path.basename(stem))
     with open(stem + ".md", "w") as f:
         f.write(md)
     final = [r for r in runs if r["phase"] == "final"]
@@ -296,6 +301,14 @@ def plot(path, runs, arms, args):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def find_arm(arms, optimizer, lr, clip=None, cautious=True):
+    """The arm running ``optimizer`` at ``lr`` with these Neptune settings (None: not run)."""
+    for name, c in arms.items():
+        if c["optimizer"] == optimizer and c["lr"] == lr and c.get("clip") == clip and c.get("cautious", True) == cautious:
+            return name
+    return None
 
 
 def report(runs, arms, best_lr, best_clip, args, total, stem):
@@ -386,32 +399,31 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
             verdict = "no significant difference" if abs(m) <= 2 * se else ("better" if m > 0 else "worse")
             L.append(f"| {arm} | {100 * m:+.2f} | {100 * se:.2f} | {w}/{t}/{l} | {verdict} |")
         L.append("")
-        if "neptune clip=0" in arms:
-            L += ["### Ablations (paired against full Neptune, same lr and seeds)", "",
+        ablation_lrs = sorted({arms[a]["lr"] for a in arms if a.startswith("neptune clip=0")})
+        for lr in ablation_lrs:
+            full = find_arm(arms, "neptune", lr)
+            cells = {(0, 0): find_arm(arms, "adamw", lr), (1, 0): find_arm(arms, "neptune", lr, cautious=False),
+                     (0, 1): find_arm(arms, "neptune", lr, clip=0.0), (1, 1): full}
+            L += [f"### Ablations at lr {lr:g} (paired against full Neptune at that lr, same seeds)", "",
                   "| arm | mean diff vs neptune (points) | SE | verdict |", "|---|---|---|---|"]
-            nb = {r["seed"]: r["final_test_acc"] for r in final if r["arm"] == "neptune"}
-            for arm in arms:
-                if not arm.startswith(("neptune ", "adamw lr=")):
+            nb = {r["seed"]: r["final_test_acc"] for r in final if r["arm"] == full}
+            others = [cells[(0, 1)], cells[(1, 0)], cells[(0, 0)]]
+            others += [a for a in arms if arms[a]["lr"] == lr and arms[a]["optimizer"] == "neptune"
+                       and arms[a].get("clip") not in (None, 0.0)]
+            for arm in others:
+                if arm is None:
                     continue
                 d = [r["final_test_acc"] - nb[r["seed"]] for r in final if r["arm"] == arm]
                 m, s, se, n = mstd(d)
                 verdict = "no significant difference" if abs(m) <= 2 * se else ("better" if m > 0 else "worse")
                 L.append(f"| {arm} | {100 * m:+.2f} | {100 * se:.2f} | {verdict} |")
             L.append("")
-    two_by_two = {"adamw": "adamw"} if "neptune" in arms and best_lr.get("adamw") == best_lr.get("neptune") else {}
-    lr_n = best_lr.get("neptune")
-    if lr_n is not None and f"adamw lr={lr_n:g}" in arms:
-        two_by_two = {"adamw": f"adamw lr={lr_n:g}"}
-    if two_by_two and {"neptune clip=0", "neptune cautious=False"} <= set(arms):
-        # Neptune with clip=0 and cautious=False is AdamW: the four arms form a 2x2 design at one lr
-        cell = {}
-        for key, arm in {(0, 0): two_by_two["adamw"], (1, 0): "neptune cautious=False",
-                         (0, 1): "neptune clip=0", (1, 1): "neptune"}.items():
-            cell[key] = pct(*mstd([r["final_test_acc"] for r in final if r["arm"] == arm])[:1])
-        L += [f"### 2x2: clipping x cautious mask at lr {lr_n:g} (mean final test acc, %)", "",
-              "| | cautious off | cautious on |", "|---|---|---|",
-              f"| clip off | {cell[(0, 0)]} (= AdamW) | {cell[(0, 1)]} |",
-              f"| clip on (0.1) | {cell[(1, 0)]} | {cell[(1, 1)]} (= Neptune) |", ""]
+            if None not in cells.values():
+                acc = {k: pct(*mstd([r["final_test_acc"] for r in final if r["arm"] == a])[:3]) for k, a in cells.items()}
+                L += [f"2x2 at lr {lr:g}, clipping x cautious mask (final test acc %, mean ± std (SE)):", "",
+                      "| | cautious off | cautious on |", "|---|---|---|",
+                      f"| clip off | {acc[(0, 0)]} (= AdamW) | {acc[(0, 1)]} |",
+                      f"| clip on (0.1) | {acc[(1, 0)]} | {acc[(1, 1)]} (= Neptune) |", ""]
     L += [f"Plot: `{stem}.png`. Every run: `{stem}.csv` (per-epoch test accuracy in `test_acc_curve`).", ""]
     return "\n".join(L)
 
