@@ -86,7 +86,8 @@ def main() -> None:
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected GPU") if build_cuda else ""
 
     # -ffp-contract=off: the scalar, AVX2 and AVX-512 kernels give bitwise the same result.
-    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi"]
+    # -fopenmp: at::parallel_for is inline OpenMP; without it the CPU kernel runs serially.
+    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi", "-fopenmp"]
     cpu_sources = [
         "neptune_ops.cpp",
         "neptune_step_cpu.cpp",
@@ -100,6 +101,7 @@ def main() -> None:
             "neptune_ext._C",
             [os.path.join(CSRC, s) for s in cpu_sources],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
         )
     ]
     if build_cuda:

@@ -157,9 +157,57 @@ inline vf vsqrt(vf x) {
 #endif
 }
 
+// Software prefetch of the unit this thread steps next (maybe in another tensor), paced
+// over the passes of the current one: pass k of P fetches slice k of the next unit,
+// spread evenly over its own iterations. With several short passes per unit, DRAM would
+// otherwise idle during the in-cache passes (each unit a latency-bound burst of misses).
+struct Prefetcher {
+  const char* w = nullptr;
+  const char* g = nullptr;
+  const float* m = nullptr;
+  const float* v = nullptr;
+  int64_t elem_size = 0;  // of the next unit's param and grad
+  int64_t len = 0;        // of the next unit
+  int64_t begin = 0, cur = 0, end = 0;
+  float per_elem = 0.f;   // next-unit elements to fetch per element of this pass
+
+  void target(const CpuTensorArgs& a, int64_t unit) {
+    elem_size = a.dtype == kF32 ? 4 : 2;
+    const int64_t off = unit * a.unit_len;
+    w = static_cast<const char*>(a.w) + off * elem_size;
+    g = static_cast<const char*>(a.g) + off * elem_size;
+    m = a.m + off;
+    v = a.v + off;
+    len = a.unit_len;
+  }
+  void slice(int k, int parts, int64_t pass_len) {
+    begin = cur = len * k / parts;
+    end = len * (k + 1) / parts;
+    per_elem = pass_len > 0 ? (float)(end - begin) / (float)pass_len : 0.f;
+  }
+  // `done` elements of the current pass are processed.
+  void advance(int64_t done) {
+    if (w == nullptr) return;
+    int64_t to = begin + (int64_t)((float)done * per_elem);
+    to = to < end ? to : end;
+    for (; cur < to; cur += 16) {
+      __builtin_prefetch(w + cur * elem_size, 0, 3);
+      __builtin_prefetch(g + cur * elem_size, 0, 3);
+      __builtin_prefetch(m + cur, 0, 3);
+      __builtin_prefetch(v + cur, 0, 3);
+    }
+  }
+  void flush() {
+    if (w == nullptr) return;
+    per_elem = 0.f;
+    begin = end;
+    advance(0);
+  }
+};
+
 // Squared norms of W and of the rule's gradient over [b, e).
 template <int D>
-void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g_sq) {
+void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g_sq, Prefetcher& pf) {
   using E = Elem<D>;
   const typename E::T* __restrict w = static_cast<const typename E::T*>(a.w);
   const typename E::T* __restrict g = static_cast<const typename E::T*>(a.g);
@@ -167,6 +215,7 @@ void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g
   vf aw[kRegs] = {}, ag[kRegs] = {};
   int64_t i = b;
   for (; i + kLanes <= e; i += kLanes) {
+    pf.advance(i - b);
     for (int r = 0; r < kRegs; ++r) {
       const vf x = VLoad<D>::load(w + i + r * kWidth);
       const vf y = VLoad<D>::load(g + i + r * kWidth) * gmul;
@@ -185,13 +234,14 @@ void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g
   }
   *w_sq = lane_sum(lw);
   *g_sq = lane_sum(lg);
+  pf.flush();
 }
 
 // Agreement and activity counts over [b, e) (e - b < 2^31), without writing anything:
 // the moment is recomputed exactly as the update pass will compute it.
 template <int D>
 void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_agree,
-              int64_t* n_active) {
+              int64_t* n_active, Prefetcher& pf) {
   using E = Elem<D>;
   const typename E::T* __restrict gp = static_cast<const typename E::T*>(a.g);
   const float* __restrict mp = a.m;
@@ -199,6 +249,7 @@ void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_
   vi ca = {}, cb = {};
   int64_t i = b;
   for (; i + kWidth <= e; i += kWidth) {
+    pf.advance(i - b);
     const vf g = (VLoad<D>::load(gp + i) * c.gmul) * s;
     const vf m = c.beta1 * VLoad<kF32>::load(mp + i) + c.one_minus_beta1 * g;
     ca -= (m * g > 0.f);  // comparisons give -1 for true
@@ -217,36 +268,13 @@ void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_
   }
   *n_agree += sa;
   *n_active += sb;
-}
-
-// Memory of the unit to be stepped after this one (maybe in another tensor): the update
-// pass prefetches it, element for element, so DRAM streams while the core works in cache.
-struct NextUnit {
-  const char* w = nullptr;
-  const char* g = nullptr;
-  const float* m = nullptr;
-  const float* v = nullptr;
-  int64_t len = 0;
-  int64_t elem_size = 0;
-};
-
-NextUnit next_unit_of(const CpuTensorArgs& a, int64_t unit) {
-  const int64_t es = a.dtype == kF32 ? 4 : 2;
-  const int64_t off = unit * a.unit_len;
-  NextUnit n;
-  n.w = static_cast<const char*>(a.w) + off * es;
-  n.g = static_cast<const char*>(a.g) + off * es;
-  n.m = a.m + off;
-  n.v = a.v + off;
-  n.len = a.unit_len;
-  n.elem_size = es;
-  return n;
+  pf.flush();
 }
 
 // The streaming pass: read W, G, M, V once, write W, M, V once. The vector body is the
 // same arithmetic as neptune_math.h's element_step (used for the tail), op for op.
 template <int D, int CAUTIOUS>
-void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, const NextUnit& next) {
+void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, Prefetcher& pf) {
   using E = Elem<D>;
   typename E::T* __restrict wp = static_cast<typename E::T*>(a.w);
   const typename E::T* __restrict gp = static_cast<const typename E::T*>(a.g);
@@ -255,16 +283,9 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, 
   StepConsts c = a.c;
   c.cautious = CAUTIOUS;
   const float inv_bc1 = 1.f / c.bc1, inv_bc2 = 1.f / c.bc2, lr_rho = c.lr / rho;
-  const int64_t pf_end = b + next.len;
   int64_t i = b;
   for (; i + kWidth <= e; i += kWidth) {
-    if (i < pf_end) {
-      const int64_t r = i - b;
-      __builtin_prefetch(next.w + r * next.elem_size, 0, 3);
-      __builtin_prefetch(next.g + r * next.elem_size, 0, 3);
-      __builtin_prefetch(next.m + r, 0, 3);
-      __builtin_prefetch(next.v + r, 0, 3);
-    }
+    pf.advance(i - b);
     const vf g = (VLoad<D>::load(gp + i) * c.gmul) * s;
     vf m = VLoad<kF32>::load(mp + i);
     vf v = VLoad<kF32>::load(vp + i);
@@ -285,47 +306,51 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, 
     vp[i] = v;
     wp[i] = E::store(w);
   }
+  pf.flush();
 }
 
 template <int D>
-void update_d(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho,
-              const NextUnit& next = NextUnit()) {
+void update_d(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, Prefetcher& pf) {
   if (a.c.cautious)
-    update_t<D, 1>(a, b, e, s, rho, next);
+    update_t<D, 1>(a, b, e, s, rho, pf);
   else
-    update_t<D, 0>(a, b, e, s, rho, next);
+    update_t<D, 0>(a, b, e, s, rho, pf);
 }
 
-// Whole units, each stepped while its data is in cache: norms, counts, update. With
-// several short passes per unit, DRAM would idle during the in-cache ones (each unit a
-// latency-bound burst of misses), so the update pass prefetches the next unit: the
-// following one in this tensor, or `after` (the first unit of the thread's next task,
-// often another tensor, where the hardware prefetchers lose the stream anyway).
+// Whole units, each stepped while its data is in cache: norms, counts, update, while
+// the next unit is prefetched (the following one in this tensor, or `after`: the first
+// unit of the thread's next task, often in another tensor, where the hardware
+// prefetchers lose the stream anyway).
 template <int D>
 void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs* after, int64_t after_unit) {
   const int64_t L = a.unit_len;
   const bool clip = a.c.clip > 0.f, cautious = a.c.cautious != 0;
+  const int passes = 1 + (clip ? 1 : 0) + (cautious ? 1 : 0);
   for (int64_t u = ub; u < ue; ++u) {
     const int64_t b = u * L, e = b + L;
+    Prefetcher pf;
+    if (u + 1 < ue) {
+      if (passes > 1) pf.target(a, u + 1);  // one pass streams by itself
+    } else if (after != nullptr) {
+      pf.target(*after, after_unit);
+    }
+    int k = 0;
     float s = 1.f;
     if (clip) {
       float w_sq, g_sq;
-      norms_t<D>(a, b, e, &w_sq, &g_sq);
+      pf.slice(k++, passes, L);
+      norms_t<D>(a, b, e, &w_sq, &g_sq, pf);
       s = clip_factor(w_sq, g_sq, a.c.clip);
     }
     float rho = 1.f;
     if (cautious) {
       int64_t n_agree = 0, n_active = 0;
-      counts_t<D>(a, b, e, s, &n_agree, &n_active);
+      pf.slice(k++, passes, L);
+      counts_t<D>(a, b, e, s, &n_agree, &n_active, pf);
       rho = rho_floor(n_agree, n_active, 1);
     }
-    NextUnit next;
-    if (u + 1 < ue) {
-      if (clip || cautious) next = next_unit_of(a, u + 1);
-    } else if (after != nullptr) {
-      next = next_unit_of(*after, after_unit);
-    }
-    update_d<D>(a, b, e, s, rho, next);
+    pf.slice(k, passes, L);
+    update_d<D>(a, b, e, s, rho, pf);
   }
 }
 
@@ -342,14 +367,17 @@ void units_entry(const CpuTensorArgs& t, int64_t ub, int64_t ue, const CpuTensor
   NEPTUNE_DTYPE_SWITCH(t.dtype, units_t, t, ub, ue, after, after_unit)
 }
 void norms_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq) {
-  NEPTUNE_DTYPE_SWITCH(t.dtype, norms_t, t, b, e, w_sq, g_sq)
+  Prefetcher none;  // long units stream by themselves
+  NEPTUNE_DTYPE_SWITCH(t.dtype, norms_t, t, b, e, w_sq, g_sq, none)
 }
 void counts_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float s, int64_t* n_agree,
                   int64_t* n_active) {
-  NEPTUNE_DTYPE_SWITCH(t.dtype, counts_t, t, b, e, s, n_agree, n_active)
+  Prefetcher none;
+  NEPTUNE_DTYPE_SWITCH(t.dtype, counts_t, t, b, e, s, n_agree, n_active, none)
 }
 void update_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float s, float rho) {
-  NEPTUNE_DTYPE_SWITCH(t.dtype, update_d, t, b, e, s, rho)
+  Prefetcher none;
+  NEPTUNE_DTYPE_SWITCH(t.dtype, update_d, t, b, e, s, rho, none)
 }
 #undef NEPTUNE_DTYPE_SWITCH
 
