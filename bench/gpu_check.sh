@@ -3,14 +3,20 @@
 #   info -> build in place for this GPU's arch -> CUDA tests -> compute-sanitizer
 #   (memcheck, racecheck) on a small step -> step microbenchmark (fp32, bf16) -> the rest
 #   of the test suite.
-# Every stage's output is tee'd to a log under $OUT (or bench/results/gpu_check_<card>/);
-# benchmark results go to bench/results/ (file names carry the card) and are copied to $OUT.
+# Every stage's output is tee'd to a log under bench/results/gpu_check_<card>/; benchmark
+# results go to bench/results/ (file names carry the card). After every stage, $OUT (when
+# set) gets three files, so that they come back even if the run is cut short: summary.txt,
+# gpu_check.log (all stage logs, in order) and gpu_check.tar.gz (the logs, the junit XML
+# and this run's benchmark files). The device tool returns at most 8 files from $OUT.
 # A failed stage does not stop the later ones; the exit status is non-zero if any failed.
 #
 # usage: bash bench/gpu_check.sh [--dry-run]
 #   --dry-run  print the stages without running them (works without a GPU).
+# PYTHON overrides the interpreter (default: python3, the GPU machine's torch venv).
 set -u
 cd "$(dirname "$0")/.." || exit 1
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
 
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -26,16 +32,31 @@ if [ "$DRY" = 1 ]; then
   ARCH="9.0"
 else
   CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/[^A-Za-z0-9._-]/-/g')
-  ARCH=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
+  ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
 fi
-LOGDIR="${OUT:-bench/results/gpu_check_${CARD}}"
+LOGDIR="bench/results/gpu_check_${CARD}"
+[ "$DRY" = 1 ] && LOGDIR=$(mktemp -d)
+rm -rf "$LOGDIR"
 mkdir -p "$LOGDIR" bench/results
 FAILED=()
+STAGES=()
 SUMMARY="$LOGDIR/summary.txt"
 : >"$SUMMARY"
 
+# Copy what we have to $OUT (3 files: the device tool brings back at most 8).
+pack() {
+  [ "$DRY" = 0 ] && [ -n "${OUT:-}" ] || return 0
+  cp "$SUMMARY" "$OUT/summary.txt"
+  : >"$OUT/gpu_check.log"
+  local s
+  for s in "${STAGES[@]}"; do cat "$LOGDIR/$s.log" >>"$OUT/gpu_check.log" 2>/dev/null; done
+  find bench/results -maxdepth 1 -type f -name "*${CARD}*" -newermt "@$START" -exec cp {} "$LOGDIR"/ \;
+  tar -czf "$OUT/gpu_check.tar.gz" -C bench/results "gpu_check_${CARD}" 2>/dev/null
+  return 0
+}
+
 # The whole script stays under 8 minutes: each stage's limit is cut to what is left.
-DEADLINE=$((START + 465))
+DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-465}))
 
 # stage NAME TIMEOUT_S CMD...: run with a time limit, tee to $LOGDIR/NAME.log, record rc.
 stage() {
@@ -50,6 +71,7 @@ stage() {
     return 0
   fi
   local log="$LOGDIR/$name.log"
+  STAGES+=("$name")
   echo "=== [$name] (limit ${limit}s, t=$(($(date +%s) - START))s) $*" | tee "$log"
   if [ "$DRY" = 1 ]; then
     echo "[dry-run] not run" | tee -a "$log"
@@ -61,6 +83,7 @@ stage() {
   echo "=== [$name] rc=$rc ($(($(date +%s) - START))s elapsed)" | tee -a "$log"
   echo "$name: rc=$rc" >>"$SUMMARY"
   [ "$rc" -ne 0 ] && FAILED+=("$name(rc=$rc)")
+  pack
   return 0
 }
 
@@ -74,40 +97,38 @@ SANITIZER=${SANITIZER:-compute-sanitizer}
 
 stage info 20 bash -c '
   nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
-  python -c "import sys, torch; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
+  '"$PY"' -c "import sys, torch; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
   nvcc --version | tail -2; '"$SANITIZER"' --version | head -2; nproc; free -g | head -2'
 
 # Build in place against this machine's torch, for this GPU only; nothing from the network.
 stage build 150 bash -c "
   export TORCH_CUDA_ARCH_LIST=$ARCH NEPTUNE_BUILD_CUDA=1 MAX_JOBS=\$(nproc)
-  pip install --no-build-isolation --no-deps --no-index -e . \
-    || { echo 'pip failed; trying setup.py build_ext --inplace'; python setup.py build_ext --inplace; }"
+  $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
+    || { echo 'pip failed; trying setup.py build_ext --inplace'; $PY setup.py build_ext --inplace; }"
 
-stage verify 20 python -c "
+stage verify 20 "$PY" -c "
 import neptune_ext, torch
 print(neptune_ext.build_info())
 assert neptune_ext.has_kernel('cuda'), neptune_ext.ops.describe_build()
 print('cuda kernel loaded on', torch.cuda.get_device_name(0))"
 
-stage pytest-cuda 100 env NEPTUNE_REQUIRE_KERNEL=1 python -m pytest -q -rs \
+stage pytest-cuda 100 env NEPTUNE_REQUIRE_KERNEL=1 "$PY" -m pytest -q -rs \
   tests/test_neptune_step_cuda.py tests/test_cuda_plan.py --junitxml="$LOGDIR/pytest-cuda.xml"
 
 # The caching allocator hides out-of-bounds accesses inside its blocks: turn it off.
 stage memcheck 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
-  python bench/sanitizer_step.py
-stage racecheck 45 "$SANITIZER" --tool racecheck --error-exitcode 9 python bench/sanitizer_step.py
+  "$PY" bench/sanitizer_step.py
+stage racecheck 45 "$SANITIZER" --tool racecheck --error-exitcode 9 "$PY" bench/sanitizer_step.py
 
-stage bench 80 python bench/bench_step.py --device cuda --dtype fp32,bf16 \
+stage bench 80 "$PY" bench/bench_step.py --device cuda --dtype fp32,bf16 \
   --sets resnet50,gpt2-small,gpt2-medium,many-small,single --single-range 16:28:4 --target-s 0.1 \
   --out-dir bench/results --tag "$CARD"
-if [ "$DRY" = 0 ] && [ -n "${OUT:-}" ]; then
-  find bench/results -maxdepth 1 -type f -name "*${CARD}*" -newermt "@$START" -exec cp {} "$OUT"/ \;
-fi
 
-stage pytest-rest 150 python -m pytest -q -rs tests --ignore=tests/test_neptune_step_cuda.py \
+stage pytest-rest 150 "$PY" -m pytest -q -rs tests --ignore=tests/test_neptune_step_cuda.py \
   --ignore=tests/test_cuda_plan.py --junitxml="$LOGDIR/pytest-rest.xml"
 
 echo "=== gpu_check on $CARD (arch $ARCH): $(($(date +%s) - START))s; logs in $LOGDIR"
+pack
 cat "$SUMMARY"
 if [ "${#FAILED[@]}" -gt 0 ]; then
   echo "FAILED: ${FAILED[*]}"
