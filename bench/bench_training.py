@@ -270,6 +270,12 @@ def curves(runs, arm):
     return [mstd(col) for col in zip(*cs)]
 
 
+def label(arm, final):
+    if "lr=" in arm:
+        return arm
+    return f"{arm} lr={next(float(r['lr']) for r in final if r['arm'] == arm):g}"
+
+
 def plot(path, runs, arms, args):
     import matplotlib
 
@@ -283,7 +289,7 @@ def plot(path, runs, arms, args):
         ep = list(range(1, len(st) + 1))
         m = [100 * x[0] for x in st]
         se = [0 if math.isnan(x[2]) else 100 * x[2] for x in st]
-        line = a.plot(ep, m, marker="o", ms=3, label=arm)[0]
+        line = a.plot(ep, m, marker="o", ms=3, label=label(arm, final))[0]
         a.fill_between(ep, [u - v for u, v in zip(m, se)], [u + v for u, v in zip(m, se)], alpha=0.2, color=line.get_color())
     a.axhline(100 * args.target, color="gray", ls=":", lw=1)
     a.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy, mean ± SE over seeds")
@@ -292,7 +298,7 @@ def plot(path, runs, arms, args):
     stats = [mstd([r["final_test_acc"] for r in final if r["arm"] == arm]) for arm in arms]
     b.barh(range(len(arms)), [100 * s[0] for s in stats],
            xerr=[0 if math.isnan(s[2]) else 100 * s[2] for s in stats], color="C0", alpha=0.7, capsize=3)
-    b.set_yticks(range(len(arms)), arms)
+    b.set_yticks(range(len(arms)), [label(arm, final) for arm in arms])
     lo = min(100 * s[0] for s in stats)
     b.set_xlim(max(0, lo - 5), min(100, max(100 * s[0] for s in stats) + 2))
     b.set(xlabel="final test accuracy (%), mean ± SE", title=f"n = {stats[0][3]} seeds per arm")
