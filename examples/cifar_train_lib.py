@@ -20,7 +20,7 @@ from neptune_ext import Neptune
 from neptune_ext.param_groups import param_groups
 
 OPTIMIZERS = ("neptune", "adamw", "sgd")
-# peak lrs chosen by the digits sweep (bench/results/training_digits.md); sweep again for CIFAR-10
+# peak lrs among the best of the digits sweep (bench/results/training_digits.md); sweep again for CIFAR-10
 DEFAULT_LR = {"neptune": 1e-2, "adamw": 1e-2, "sgd": 0.1}
 DEFAULT_WD = {"neptune": 1e-2, "adamw": 1e-2, "sgd": 5e-4}
 
