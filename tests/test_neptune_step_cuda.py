@@ -248,6 +248,99 @@ def test_bad_call_writes_nothing():
             assert torch.equal(a, b)
 
 
+def _offset_view(t, offset):
+    """t's values in a fresh buffer on the device, `offset` elements into it."""
+    buf = torch.zeros(t.numel() + offset, dtype=t.dtype, device=DEV)
+    v = buf[offset:].view(t.shape)
+    v.copy_(t)
+    return v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offsets", [(1, 1, 1, 1), (3, 3, 3, 3), (1, 1, 0, 0), (0, 3, 0, 0)], ids=str)
+def test_misaligned_views(dtype, offsets):
+    # Element offsets of (param, grad, exp_avg, exp_avg_sq) into their buffers. Equal offsets
+    # keep the four arrays co-aligned (scalar head, 16-byte vectors, scalar tail, for every
+    # dtype); unequal ones leave no common 16-byte boundary: the all-scalar fallback.
+    h = hyper()
+    ref = make_case(SHAPES, dtype, seed=21)
+    dev = [[_offset_view(t, off) for t in lst] for lst, off in zip(ref[:4], offsets)]
+    dev.append([s.to(DEV, copy=True) for s in ref[4]])
+    step_dev(dev, h)
+    neptune_step_reference_multi(*ref, **h)
+    assert_case_close(dev, ref, f"offsets {offsets}")
+
+
+def test_mixed_dtypes_one_call():
+    # fp32, bf16 and fp16 tensors interleaved in one list: warp units of different dtypes
+    # share blocks, block units and chunks of each dtype follow one another.
+    h = hyper()
+    cases = [make_case(SHAPES, dt, seed=30 + k) for k, dt in enumerate(DTYPES)]
+    ref = [[c[j][i] for i in range(len(SHAPES)) for c in cases] for j in range(5)]
+    dev = to_dev(ref)
+    step_dev(dev, h)
+    neptune_step_reference_multi(*ref, **h)
+    assert_case_close(dev, ref, "mixed dtypes")
+
+
+@pytest.mark.parametrize("shapes", [((64, 1000), (64000,)), ((40, 500), (20, 1000)), ((4, 5000), (5000, 4))],
+                         ids=str)
+def test_same_storage_new_shape_gets_new_table(shapes):
+    # The device table is cached by content: the same pointers stepped with other units
+    # (a view with another shape) must not reuse the first shape's table.
+    h = hyper()
+    gen = torch.Generator().manual_seed(41)
+    ref = list(make_case([shapes[0]], torch.float32, seed=40))
+    dev = to_dev(ref)
+    step_dev(dev, h)
+    neptune_step_reference_multi(*ref, **h)
+    assert_case_close(dev, ref, f"{shapes[0]}")
+    uploads = torch.ops.neptune_ext._cuda_table_uploads()
+    ref = [[t.reshape(shapes[1]) for t in lst] for lst in ref[:4]] + [ref[4]]
+    ref[1] = make_grads(ref[0], ref[2], generator=gen)
+    dev = [[t.view(shapes[1]) for t in lst] for lst in dev[:4]] + [dev[4]]
+    for d_list, r_list in zip(dev, ref):
+        for d, r in zip(d_list, r_list):
+            d.copy_(r)  # resync to the reference state, in place: the same pointers as before
+    step_dev(dev, h)
+    neptune_step_reference_multi(*ref, **h)
+    assert_case_close(dev, ref, f"{shapes[0]} as {shapes[1]}")
+    assert torch.ops.neptune_ext._cuda_table_uploads() > uploads
+
+
+def test_side_stream_and_empty_only():
+    h = hyper()
+    base = make_case(SHAPES, torch.float32, seed=50)
+    a, b = to_dev(clone_all(base)), to_dev(clone_all(base))
+    step_dev(a, h)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step_dev(b, h)  # a table for (these tensors, this stream)
+        step_dev(b, h)
+    torch.cuda.current_stream().wait_stream(side)
+    step_dev(a, h)
+    for a_list, b_list in zip(a, b):
+        for x, y in zip(a_list, b_list):
+            assert torch.equal(x, y)
+    # Only zero-size tensors: no math launch, the step counters still advance.
+    empty = to_dev(make_case([(0,), (3, 0, 2)], torch.bfloat16, seed=51))
+    step_dev(empty, h)
+    assert [float(s) for s in empty[4]] == [4.0, 4.0]
+
+
+@pytest.mark.parametrize("lr_dtype,lr_device", [(torch.bfloat16, DEV), (torch.float16, DEV), (torch.float32, "cpu"),
+                                                (torch.float64, "cpu")], ids=str)
+def test_tensor_lr_other_dtypes_and_cpu(lr_dtype, lr_device):
+    h = hyper()
+    ref = make_case(SHAPES, torch.float32, seed=52)
+    dev = to_dev(ref)
+    lr = torch.tensor(h["lr"], dtype=lr_dtype, device=lr_device)
+    step_dev(dev, dict(h, lr=lr))
+    neptune_step_reference_multi(*ref, **dict(h, lr=float(lr)))
+    assert_case_close(dev, ref)
+
+
 def _free_bytes():
     free, _ = torch.cuda.mem_get_info()
     return free
