@@ -23,6 +23,12 @@ struct DevTensor {
   int32_t pad_;
 };
 
+// Built by the host compiler (register.cpp), read by the device compiler (kernels): keep the
+// layout free of implicit padding, so that the bytes compared by the table cache are all set.
+static_assert(sizeof(cuda_plan::TensorPlan) == 9 * 8 + 2 * 4, "TensorPlan layout changed");
+static_assert(sizeof(DevTensor) == 5 * 8 + sizeof(cuda_plan::TensorPlan) + 2 * 4, "DevTensor layout changed");
+static_assert(sizeof(DevTensor) % 8 == 0, "the int64 arrays after DevTensor[n] must stay 8-byte aligned");
+
 // Layout of the device table for n tensors, in bytes.
 inline int64_t table_bytes(int64_t n) { return n * (int64_t)(sizeof(DevTensor) + 2 * sizeof(int64_t)); }
 

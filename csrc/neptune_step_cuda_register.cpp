@@ -55,7 +55,9 @@ struct TableEntry {
 
 constexpr size_t kMaxTables = 32;
 std::mutex g_tables_mu;
-std::vector<TableEntry> g_tables;
+// Leaked on purpose: the entries hold CUDA tensors, which a static destructor would free at
+// process exit, after the CUDA runtime (and maybe the caching allocator) has shut down.
+std::vector<TableEntry>& g_tables = *new std::vector<TableEntry>();
 uint64_t g_clock = 0;
 int64_t g_uploads = 0;  // upload launches so far (for tests and benchmarks)
 
