@@ -112,7 +112,7 @@ print(neptune_ext.build_info())
 assert neptune_ext.has_kernel('cuda'), neptune_ext.ops.describe_build()
 print('cuda kernel loaded on', torch.cuda.get_device_name(0))"
 
-stage pytest-cuda 100 env NEPTUNE_REQUIRE_KERNEL=1 "$PY" -m pytest -q -rs \
+stage pytest-cuda 150 env NEPTUNE_REQUIRE_KERNEL=1 "$PY" -m pytest -q -rs \
   tests/test_neptune_step_cuda.py tests/test_cuda_plan.py --junitxml="$LOGDIR/pytest-cuda.xml"
 
 # The caching allocator hides out-of-bounds accesses inside its blocks: turn it off.
