@@ -5,14 +5,17 @@
 """
 from .ops import build_info, has_kernel, neptune_step_
 from .optimizer import Neptune
+from .param_groups import find_head, param_groups
 from .reference import neptune_step_reference, neptune_step_reference_multi
 
 __all__ = [
     "Neptune",
     "build_info",
+    "find_head",
     "has_kernel",
     "neptune_step_",
     "neptune_step_reference",
     "neptune_step_reference_multi",
+    "param_groups",
 ]
 __version__ = "0.1.0"
