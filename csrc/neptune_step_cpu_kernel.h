@@ -180,9 +180,10 @@ struct Prefetcher {
     v = a.v + off;
     len = a.unit_len;
   }
-  void slice(int k, int parts, int64_t pass_len) {
+  // This pass fetches slices [k, k_end) of `parts`.
+  void slice(int k, int parts, int64_t pass_len, int k_end = -1) {
     begin = cur = len * k / parts;
-    end = len * (k + 1) / parts;
+    end = len * (k_end < 0 ? k + 1 : k_end) / parts;
     per_elem = pass_len > 0 ? (float)(end - begin) / (float)pass_len : 0.f;
   }
   // `done` elements of the current pass are processed.
@@ -205,14 +206,21 @@ struct Prefetcher {
   }
 };
 
-// Squared norms of W and of the rule's gradient over [b, e).
-template <int D>
-void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g_sq, Prefetcher& pf) {
+// Squared norms of W and of the rule's gradient over [b, e). With COUNT, also the
+// agreement counts for a clip factor of exactly 1 (g * 1 == g, so they are bitwise what
+// counts_t would give with s = 1): when the unit turns out unclipped, the counts pass is
+// saved. `counts` = {n_agree, n_active}, added to.
+template <int D, int COUNT>
+void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g_sq, int64_t* counts,
+             Prefetcher& pf) {
   using E = Elem<D>;
   const typename E::T* __restrict w = static_cast<const typename E::T*>(a.w);
   const typename E::T* __restrict g = static_cast<const typename E::T*>(a.g);
-  const float gmul = a.c.gmul;
+  const float* __restrict mp = a.m;
+  const StepConsts c = a.c;
+  const float gmul = c.gmul;
   vf aw[kRegs] = {}, ag[kRegs] = {};
+  vi ca = {}, cb = {};
   int64_t i = b;
   for (; i + kLanes <= e; i += kLanes) {
     pf.advance(i - b);
@@ -221,19 +229,38 @@ void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g
       const vf y = VLoad<D>::load(g + i + r * kWidth) * gmul;
       aw[r] += x * x;
       ag[r] += y * y;
+      if (COUNT) {
+        const vf m = c.beta1 * VLoad<kF32>::load(mp + i + r * kWidth) + c.one_minus_beta1 * y;
+        ca -= (m * y > 0.f);  // comparisons give -1 for true
+        cb -= (y != 0.f);
+      }
     }
   }
   float lw[kLanes], lg[kLanes];
   __builtin_memcpy(lw, aw, sizeof(lw));
   __builtin_memcpy(lg, ag, sizeof(lg));
+  int64_t sa = 0, sb = 0;
   for (int j = 0; i < e; ++i, ++j) {
     const float x = E::load(w[i]);
     const float y = E::load(g[i]) * gmul;
     lw[j] += x * x;
     lg[j] += y * y;
+    if (COUNT) {
+      const float m = c.beta1 * mp[i] + c.one_minus_beta1 * y;
+      sa += agrees(m, y);
+      sb += active(y);
+    }
   }
   *w_sq = lane_sum(lw);
   *g_sq = lane_sum(lg);
+  if (COUNT) {
+    for (int j = 0; j < kWidth; ++j) {
+      sa += ca[j];
+      sb += cb[j];
+    }
+    counts[0] += sa;
+    counts[1] += sb;
+  }
   pf.flush();
 }
 
@@ -336,20 +363,28 @@ void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs
     }
     int k = 0;
     float s = 1.f;
+    int64_t counts[2] = {0, 0};
+    bool counted = false;
     if (clip) {
       float w_sq, g_sq;
       pf.slice(k++, passes, L);
-      norms_t<D>(a, b, e, &w_sq, &g_sq, pf);
+      if (cautious) {
+        norms_t<D, 1>(a, b, e, &w_sq, &g_sq, counts, pf);
+      } else {
+        norms_t<D, 0>(a, b, e, &w_sq, &g_sq, counts, pf);
+      }
       s = clip_factor(w_sq, g_sq, a.c.clip);
+      counted = s == 1.f;
     }
     float rho = 1.f;
     if (cautious) {
-      int64_t n_agree = 0, n_active = 0;
-      pf.slice(k++, passes, L);
-      counts_t<D>(a, b, e, s, &n_agree, &n_active, pf);
-      rho = rho_floor(n_agree, n_active, 1);
+      if (!counted) {
+        pf.slice(k++, passes, L);
+        counts_t<D>(a, b, e, s, &counts[0], &counts[1], pf);
+      }
+      rho = rho_floor(counts[0], counts[1], 1);
     }
-    pf.slice(k, passes, L);
+    pf.slice(k, passes, L, passes);  // the update pass fetches what is left
     update_d<D>(a, b, e, s, rho, pf);
   }
 }
@@ -368,7 +403,12 @@ void units_entry(const CpuTensorArgs& t, int64_t ub, int64_t ue, const CpuTensor
 }
 void norms_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq) {
   Prefetcher none;  // long units stream by themselves
-  NEPTUNE_DTYPE_SWITCH(t.dtype, norms_t, t, b, e, w_sq, g_sq, none)
+  int64_t unused[2];
+  switch (t.dtype) {
+    case kBF16: norms_t<kBF16, 0>(t, b, e, w_sq, g_sq, unused, none); break;
+    case kF16: norms_t<kF16, 0>(t, b, e, w_sq, g_sq, unused, none); break;
+    default: norms_t<kF32, 0>(t, b, e, w_sq, g_sq, unused, none); break;
+  }
 }
 void counts_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float s, int64_t* n_agree,
                   int64_t* n_active) {
