@@ -378,7 +378,8 @@ void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs
     }
     float rho = 1.f;
     if (cautious) {
-      if (!counted) {
+      if (!counted) {  // clipped: count again with the real s
+        counts[0] = counts[1] = 0;
         pf.slice(k++, passes, L);
         counts_t<D>(a, b, e, s, &counts[0], &counts[1], pf);
       }
