@@ -89,6 +89,8 @@ NEPTUNE_HP = dict(clip=0.1, cautious=True, maximize=False)
 # unless --reference-all (gpt2-small takes ~6-15 s per reference step on 2 EPYC cores;
 # resnet50, 25.6M, is in).
 REFERENCE_LIMIT = {"cpu": 30_000_000, "cuda": 400_000_000}
+# The reference launches ~30 kernels per tensor on CUDA: 10,000 tensors take seconds a step.
+REFERENCE_TENSOR_LIMIT = {"cpu": 1_000_000, "cuda": 2_000}
 # Profiling a step of hundreds of thousands of launches (the reference on many-small) takes
 # minutes to post-process: launches are left empty for steps slower than this.
 LAUNCH_COUNT_MAX_S = 1.0
@@ -640,7 +642,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args._contenders, args._notes = contenders, notes
     if "neptune-reference" in contenders and not args.reference_all:
         notes.append(f"neptune-reference: skipped on sets above {REFERENCE_LIMIT[device]:,} params "
-                     f"(--reference-all to run it), at most {args.ref_reps} timed steps")
+                     f"or {REFERENCE_TENSOR_LIMIT[device]:,} tensors (--reference-all to run it), "
+                     f"at most {args.ref_reps} timed steps")
     if "adamw-fused" not in contenders:
         notes.append("adamw-fused not run: ratio_to_adamw_fused left empty")
 
@@ -673,8 +676,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows: list[dict] = []
                 t_group = time.perf_counter()
                 for pset in sets:
-                    cs = [c for c in contenders if not (c == "neptune-reference" and not args.reference_all
-                                                        and pset.n_params > REFERENCE_LIMIT[device])]
+                    too_big = (pset.n_params > REFERENCE_LIMIT[device]
+                               or len(pset.shapes) > REFERENCE_TENSOR_LIMIT[device])
+                    cs = [c for c in contenders
+                          if not (c == "neptune-reference" and not args.reference_all and too_big)]
                     if dtype != torch.float32:
                         cs = [c for c in cs if c != "deepspeed-cpu-adam"]
                     t0 = time.perf_counter()
