@@ -135,12 +135,14 @@ void neptune_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tens
   }
   if (total == 0) return;
 
-  // Pack whole in-cache units into tasks of about `target` elements: enough tasks to
-  // balance the threads, big enough that scheduling costs nothing.
+  // Pack whole in-cache units into tasks of about `target` elements, then give each
+  // thread a contiguous run of tasks holding an equal share of the elements (splitting
+  // by task count would hand one thread the many small tensors and the other the big).
   const int64_t threads = at::get_num_threads();
   const int64_t target = std::max<int64_t>(4096, std::min<int64_t>(1 << 18, total / (threads * 8) + 1));
   std::vector<Task> tasks;
   std::vector<int32_t> long_tensors;
+  int64_t short_total = 0;
   for (int64_t i = 0; i < n; ++i) {
     const CpuTensorArgs& a = args[i];
     if (a.numel == 0) continue;
@@ -150,12 +152,20 @@ void neptune_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tens
     }
     const int64_t n_units = a.numel / a.unit_len;
     const int64_t per_task = std::max<int64_t>(1, target / a.unit_len);
+    short_total += a.numel;
     for (int64_t u = 0; u < n_units; u += per_task)
       tasks.push_back({(int32_t)i, u, std::min(u + per_task, n_units)});
   }
-  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const bool more = t + 1 < t1;
+  std::vector<int64_t> first_task(threads + 1, (int64_t)tasks.size());
+  first_task[0] = 0;
+  int64_t done = 0, part = 1;
+  for (int64_t t = 0; t < (int64_t)tasks.size() && part < threads; ++t) {
+    done += (tasks[t].unit_end - tasks[t].unit_begin) * args[tasks[t].tensor].unit_len;
+    while (part < threads && done * threads >= part * short_total) first_task[part++] = t + 1;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t t = first_task[p0]; t < first_task[p1]; ++t) {
+      const bool more = t + 1 < first_task[p1];
       k.units(args[tasks[t].tensor], tasks[t].unit_begin, tasks[t].unit_end,
               more ? &args[tasks[t + 1].tensor] : nullptr, more ? tasks[t + 1].unit_begin : 0);
     }
