@@ -79,6 +79,9 @@ def _worker(rank, mode, init_file, out_file):
             assert kinds == ["DTensor"], kinds
         if rank == 0:
             torch.save([p.detach().clone() for p in params], out_file)
+        # Without it, tearing gloo down while the peer still works aborts a worker now and
+        # then ("terminate called without an active exception"), with AdamW as well.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
