@@ -51,9 +51,10 @@ inline bool units_are_spans(const at::Tensor& p) {
   return true;
 }
 
+// allow_bf16_state: exp_avg / exp_avg_sq may be bfloat16 (the memory-lean variant).
 inline void check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList steps,
-                        c10::DeviceType device_type) {
+                        c10::DeviceType device_type, bool allow_bf16_state = false) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
               "neptune_step_: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length, got ",
@@ -75,8 +76,11 @@ inline void check_lists(at::TensorList params, at::TensorList grads, at::TensorL
                 ", ", v.device(), ", ", s.device());
     TORCH_CHECK(g.scalar_type() == p.scalar_type(), "neptune_step_: grads[", i, "] has dtype ", g.scalar_type(),
                 " but its param has ", p.scalar_type());
-    TORCH_CHECK(m.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-                "neptune_step_: exp_avgs[", i, "] and exp_avg_sqs[", i, "] must be float32 (state is fp32 for every param dtype)");
+    const bool state_ok = m.scalar_type() == v.scalar_type() &&
+                          (m.scalar_type() == at::kFloat || (allow_bf16_state && m.scalar_type() == at::kBFloat16));
+    TORCH_CHECK(state_ok, "neptune_step_: exp_avgs[", i, "] and exp_avg_sqs[", i, "] must both be float32",
+                allow_bf16_state ? " or both bfloat16 (the memory-lean variant)" : "",
+                " on this device; got ", m.scalar_type(), " and ", v.scalar_type());
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == 1, "neptune_step_: steps[", i, "] must be a float32 scalar tensor");
     TORCH_CHECK(g.sizes() == p.sizes() && m.sizes() == p.sizes() && v.sizes() == p.sizes(),
                 "neptune_step_: params[", i, "] has shape ", p.sizes(), " but grad ", g.sizes(), ", exp_avg ",

@@ -91,4 +91,34 @@ NEPTUNE_HD float element_step(float w, float graw, float& m, float& v, float s, 
   return new_weight(w, u, keep, rho, c);
 }
 
+// Memory-lean variant: exp_avg / exp_avg_sq stored as bfloat16 with stochastic rounding
+// (round-to-nearest would freeze V: 0.999 * v rounds back to v in 8 mantissa bits). The
+// random bits are a hash of (element index within its unit, step, stream), so results
+// are reproducible, independent of threads and devices, and a row shard rounds as the
+// whole tensor does. stream: 0 for exp_avg, 1 for exp_avg_sq.
+NEPTUNE_HD uint32_t sr_bits(uint64_t index, uint32_t step, uint32_t stream) {
+  uint32_t x = (uint32_t)index ^ ((uint32_t)(index >> 32) * 0x85EBCA6Bu) ^ (step * 0x9E3779B9u) ^
+               (stream * 0xC2B2AE35u);
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+NEPTUNE_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  return __builtin_bit_cast(uint32_t, f);
+#endif
+}
+
+// f rounded to bfloat16 up or down with probability given by the dropped bits; NaN stays NaN.
+NEPTUNE_HD uint16_t bf16_round_stochastic(float f, uint32_t bits) {
+  if (f != f) return (uint16_t)0x7FC0u;
+  return (uint16_t)((float_bits(f) + (bits & 0xFFFFu)) >> 16);
+}
+
 }  // namespace neptune

@@ -105,7 +105,7 @@ void neptune_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tens
                            const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf) {
   check_hyper(h);
-  check_lists(params, grads, exp_avgs, exp_avg_sqs, steps, c10::DeviceType::CPU);
+  check_lists(params, grads, exp_avgs, exp_avg_sqs, steps, c10::DeviceType::CPU, /*allow_bf16_state=*/true);
   check_scalar_tensor(grad_scale, "grad_scale", c10::DeviceType::CPU);
   check_scalar_tensor(found_inf, "found_inf", c10::DeviceType::CPU);
   const CpuKernels& k = cpu_kernels();  // may throw for a bad NEPTUNE_CPU_ISA: before any write
@@ -125,8 +125,10 @@ void neptune_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tens
     CpuTensorArgs& a = args[i];
     a.w = p.data_ptr();
     a.g = grads[i].data_ptr();
-    a.m = exp_avgs[i].data_ptr<float>();
-    a.v = exp_avg_sqs[i].data_ptr<float>();
+    a.m = exp_avgs[i].data_ptr();
+    a.v = exp_avg_sqs[i].data_ptr();
+    a.state_dtype = exp_avgs[i].scalar_type() == at::kBFloat16 ? kBF16 : kF32;
+    a.sr_step = (uint32_t)*step;
     a.numel = p.numel();
     a.unit_len = unit_len_of(p);
     a.dtype = param_dtype_code(p.scalar_type());

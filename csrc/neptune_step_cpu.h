@@ -13,11 +13,13 @@ namespace neptune {
 struct CpuTensorArgs {
   void* w;          // param, `dtype`
   const void* g;    // grad, `dtype`
-  float* m;         // exp_avg
-  float* v;         // exp_avg_sq
+  void* m;          // exp_avg, `state_dtype`
+  void* v;          // exp_avg_sq, `state_dtype`
   int64_t numel;
   int64_t unit_len;
   int dtype;        // ParamDtype
+  int state_dtype;  // kF32, or kBF16 for the memory-lean variant
+  uint32_t sr_step; // the step number, seeding the state's stochastic rounding
   StepConsts c;
 };
 

@@ -176,6 +176,41 @@ inline vf vsqrt(vf x) {
 #endif
 }
 
+// exp_avg / exp_avg_sq storage: float32, or bfloat16 with deterministic stochastic
+// rounding (neptune_math.h's sr_bits / bf16_round_stochastic, vectorized here bit for bit).
+template <int S> struct State;
+template <> struct State<kF32> {
+  using T = float;
+  static vf vload(const T* p) { return VLoad<kF32>::load(p); }
+  static float load(const T* p) { return *p; }
+  static void vstore(T* p, int64_t, vf x, uint32_t, uint32_t) { VStore<kF32>::store(p, x); }
+  static void store(T* p, int64_t, float x, uint32_t, uint32_t) { *p = x; }
+};
+template <> struct State<kBF16> {
+  using T = uint16_t;
+  static vf vload(const T* p) { return VLoad<kBF16>::load(p); }
+  static float load(const T* p) { return Elem<kBF16>::load(*p); }
+  // Elements index .. index + kWidth - 1 of their unit.
+  static void vstore(T* p, int64_t index, vf f, uint32_t step, uint32_t stream) {
+    vu iota;
+    for (int j = 0; j < kWidth; ++j) iota[j] = (uint32_t)j;
+    const uint32_t lo0 = (uint32_t)index;
+    const vu lo = ((vu){} + lo0) + iota;
+    const vu hi = ((vu){} + (uint32_t)((uint64_t)index >> 32)) - (vu)(lo < lo0);  // carry
+    vu x = lo ^ (hi * 0x85EBCA6Bu) ^ (step * 0x9E3779B9u) ^ (stream * 0xC2B2AE35u);
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    const vu rounded = ((vu)f + (x & 0xFFFFu)) >> 16;
+    store_u16(p, select((vu)(f != f), (vu){} + 0x7FC0u, rounded));
+  }
+  static void store(T* p, int64_t index, float x, uint32_t step, uint32_t stream) {
+    *p = bf16_round_stochastic(x, sr_bits((uint64_t)index, step, stream));
+  }
+};
+
 // Software prefetch of the unit this thread steps next (maybe in another tensor), paced
 // over the passes of the current one: pass k of P fetches slice k of the next unit,
 // spread evenly over its own iterations. With several short passes per unit, DRAM would
@@ -183,9 +218,10 @@ inline vf vsqrt(vf x) {
 struct Prefetcher {
   const char* w = nullptr;
   const char* g = nullptr;
-  const float* m = nullptr;
-  const float* v = nullptr;
-  int64_t elem_size = 0;  // of the next unit's param and grad
+  const char* m = nullptr;
+  const char* v = nullptr;
+  int64_t elem_size = 0;   // of the next unit's param and grad
+  int64_t state_size = 0;  // of its exp_avg and exp_avg_sq
   int64_t len = 0;        // of the next unit
   int64_t begin = 0, cur = 0, end = 0;
   float per_elem = 0.f;   // next-unit elements to fetch per element of this pass
@@ -195,8 +231,9 @@ struct Prefetcher {
     const int64_t off = unit * a.unit_len;
     w = static_cast<const char*>(a.w) + off * elem_size;
     g = static_cast<const char*>(a.g) + off * elem_size;
-    m = a.m + off;
-    v = a.v + off;
+    state_size = a.state_dtype == kF32 ? 4 : 2;
+    m = static_cast<const char*>(a.m) + off * state_size;
+    v = static_cast<const char*>(a.v) + off * state_size;
     len = a.unit_len;
   }
   // This pass fetches slices [k, k_end) of `parts`.
@@ -213,8 +250,8 @@ struct Prefetcher {
     for (; cur < to; cur += 16) {
       __builtin_prefetch(w + cur * elem_size, 0, 3);
       __builtin_prefetch(g + cur * elem_size, 0, 3);
-      __builtin_prefetch(m + cur, 0, 3);
-      __builtin_prefetch(v + cur, 0, 3);
+      __builtin_prefetch(m + cur * state_size, 0, 3);
+      __builtin_prefetch(v + cur * state_size, 0, 3);
     }
   }
   void flush() {
@@ -229,13 +266,14 @@ struct Prefetcher {
 // agreement counts for a clip factor of exactly 1 (g * 1 == g, so they are bitwise what
 // counts_t would give with s = 1): when the unit turns out unclipped, the counts pass is
 // saved. `counts` = {n_agree, n_active}, added to.
-template <int D, int COUNT>
+template <int D, int S, int COUNT>
 void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g_sq, int64_t* counts,
              Prefetcher& pf) {
   using E = Elem<D>;
+  using St = State<S>;
   const typename E::T* __restrict w = static_cast<const typename E::T*>(a.w);
   const typename E::T* __restrict g = static_cast<const typename E::T*>(a.g);
-  const float* __restrict mp = a.m;
+  const typename St::T* __restrict mp = static_cast<const typename St::T*>(a.m);
   const StepConsts c = a.c;
   const float gmul = c.gmul;
   vf aw[kRegs] = {}, ag[kRegs] = {};
@@ -249,7 +287,7 @@ void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g
       aw[r] += x * x;
       ag[r] += y * y;
       if (COUNT) {
-        const vf m = c.beta1 * VLoad<kF32>::load(mp + i + r * kWidth) + c.one_minus_beta1 * y;
+        const vf m = c.beta1 * St::vload(mp + i + r * kWidth) + c.one_minus_beta1 * y;
         ca -= (m * y > 0.f);  // comparisons give -1 for true
         cb -= (y != 0.f);
       }
@@ -265,7 +303,7 @@ void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g
     lw[j] += x * x;
     lg[j] += y * y;
     if (COUNT) {
-      const float m = c.beta1 * mp[i] + c.one_minus_beta1 * y;
+      const float m = c.beta1 * St::load(mp + i) + c.one_minus_beta1 * y;
       sa += agrees(m, y);
       sb += active(y);
     }
@@ -285,19 +323,20 @@ void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g
 
 // Agreement and activity counts over [b, e) (e - b < 2^31), without writing anything:
 // the moment is recomputed exactly as the update pass will compute it.
-template <int D>
+template <int D, int S>
 void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_agree,
               int64_t* n_active, Prefetcher& pf) {
   using E = Elem<D>;
+  using St = State<S>;
   const typename E::T* __restrict gp = static_cast<const typename E::T*>(a.g);
-  const float* __restrict mp = a.m;
+  const typename St::T* __restrict mp = static_cast<const typename St::T*>(a.m);
   const StepConsts c = a.c;
   vi ca = {}, cb = {};
   int64_t i = b;
   for (; i + kWidth <= e; i += kWidth) {
     pf.advance(i - b);
     const vf g = (VLoad<D>::load(gp + i) * c.gmul) * s;
-    const vf m = c.beta1 * VLoad<kF32>::load(mp + i) + c.one_minus_beta1 * g;
+    const vf m = c.beta1 * St::vload(mp + i) + c.one_minus_beta1 * g;
     ca -= (m * g > 0.f);  // comparisons give -1 for true
     cb -= (g != 0.f);
   }
@@ -308,7 +347,7 @@ void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_
   }
   for (; i < e; ++i) {
     const float g = grad_in(E::load(gp[i]), c) * s;
-    const float m = c.beta1 * mp[i] + c.one_minus_beta1 * g;
+    const float m = c.beta1 * St::load(mp + i) + c.one_minus_beta1 * g;
     sa += agrees(m, g);
     sb += active(g);
   }
@@ -319,13 +358,18 @@ void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_
 
 // The streaming pass: read W, G, M, V once, write W, M, V once. The vector body is the
 // same arithmetic as neptune_math.h's element_step (used for the tail), op for op.
-template <int D, int CAUTIOUS>
+template <int D, int S, int CAUTIOUS>
 void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, Prefetcher& pf) {
   using E = Elem<D>;
+  using St = State<S>;
   typename E::T* __restrict wp = static_cast<typename E::T*>(a.w);
   const typename E::T* __restrict gp = static_cast<const typename E::T*>(a.g);
-  float* __restrict mp = a.m;
-  float* __restrict vp = a.v;
+  typename St::T* __restrict mp = static_cast<typename St::T*>(a.m);
+  typename St::T* __restrict vp = static_cast<typename St::T*>(a.v);
+  const uint32_t step = a.sr_step;
+  // Stochastic-rounding bits are keyed by the index within the unit, so a row shard
+  // stepped alone rounds exactly as the whole tensor does (spec property 5).
+  const int64_t ubase = b - b % a.unit_len;
   StepConsts c = a.c;
   c.cautious = CAUTIOUS;
   const float inv_bc1 = 1.f / c.bc1, inv_bc2 = 1.f / c.bc2, lr_rho = c.lr / rho;
@@ -333,41 +377,41 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, 
   for (; i + kWidth <= e; i += kWidth) {
     pf.advance(i - b);
     const vf g = (VLoad<D>::load(gp + i) * c.gmul) * s;
-    vf m = VLoad<kF32>::load(mp + i);
-    vf v = VLoad<kF32>::load(vp + i);
+    vf m = St::vload(mp + i);
+    vf v = St::vload(vp + i);
     m = c.beta1 * m + c.one_minus_beta1 * g;
     v = c.beta2 * v + c.one_minus_beta2 * g * g;
     const vf u = (m * inv_bc1) / (vsqrt(v * inv_bc2) + c.eps);
     const vf decayed = VLoad<D>::load(wp + i) * c.decay;
     vf w = decayed - lr_rho * u;
     if (CAUTIOUS) w = (vf)select((vu)(m * g > 0.f), (vu)w, (vu)decayed);
-    VStore<kF32>::store(mp + i, m);
-    VStore<kF32>::store(vp + i, v);
+    St::vstore(mp + i, i - ubase, m, step, 0);
+    St::vstore(vp + i, i - ubase, v, step, 1);
     VStore<D>::store(wp + i, w);
   }
   for (; i < e; ++i) {
-    float m = mp[i], v = vp[i];
+    float m = St::load(mp + i), v = St::load(vp + i);
     const float w = element_step(E::load(wp[i]), E::load(gp[i]), m, v, s, rho, c);
-    mp[i] = m;
-    vp[i] = v;
+    St::store(mp + i, i - ubase, m, step, 0);
+    St::store(vp + i, i - ubase, v, step, 1);
     wp[i] = E::store(w);
   }
   pf.flush();
 }
 
-template <int D>
+template <int D, int S>
 void update_d(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, Prefetcher& pf) {
   if (a.c.cautious)
-    update_t<D, 1>(a, b, e, s, rho, pf);
+    update_t<D, S, 1>(a, b, e, s, rho, pf);
   else
-    update_t<D, 0>(a, b, e, s, rho, pf);
+    update_t<D, S, 0>(a, b, e, s, rho, pf);
 }
 
 // Whole units, each stepped while its data is in cache: norms, counts, update, while
 // the next unit is prefetched (the following one in this tensor, or `after`: the first
 // unit of the thread's next task, often in another tensor, where the hardware
 // prefetchers lose the stream anyway).
-template <int D>
+template <int D, int S>
 void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs* after, int64_t after_unit) {
   const int64_t L = a.unit_len;
   const bool clip = a.c.clip > 0.f, cautious = a.c.cautious != 0;
@@ -388,9 +432,9 @@ void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs
       float w_sq, g_sq;
       pf.slice(k++, passes, L);
       if (cautious) {
-        norms_t<D, 1>(a, b, e, &w_sq, &g_sq, counts, pf);
+        norms_t<D, S, 1>(a, b, e, &w_sq, &g_sq, counts, pf);
       } else {
-        norms_t<D, 0>(a, b, e, &w_sq, &g_sq, counts, pf);
+        norms_t<D, S, 0>(a, b, e, &w_sq, &g_sq, counts, pf);
       }
       s = clip_factor(w_sq, g_sq, a.c.clip);
       counted = s == 1.f;
@@ -400,44 +444,56 @@ void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs
       if (!counted) {  // clipped: count again with the real s
         counts[0] = counts[1] = 0;
         pf.slice(k++, passes, L);
-        counts_t<D>(a, b, e, s, &counts[0], &counts[1], pf);
+        counts_t<D, S>(a, b, e, s, &counts[0], &counts[1], pf);
       }
       rho = rho_floor(counts[0], counts[1], 1);
     }
     pf.slice(k, passes, L, passes);  // the update pass fetches what is left
-    update_d<D>(a, b, e, s, rho, pf);
+    update_d<D, S>(a, b, e, s, rho, pf);
   }
 }
 
-// Dispatch on the param dtype at the entry points.
-#define NEPTUNE_DTYPE_SWITCH(dtype, FN, ...) \
-  switch (dtype) {                           \
-    case kBF16: FN<kBF16>(__VA_ARGS__); break; \
-    case kF16: FN<kF16>(__VA_ARGS__); break;   \
-    default: FN<kF32>(__VA_ARGS__); break;     \
+// Dispatch on the param and state dtypes at the entry points.
+#define NEPTUNE_DTYPE_SWITCH(t, FN, ...)                                        \
+  switch ((t).dtype * 2 + ((t).state_dtype == kBF16 ? 1 : 0)) {               \
+    case kBF16 * 2: FN<kBF16, kF32>(__VA_ARGS__); break;                      \
+    case kBF16 * 2 + 1: FN<kBF16, kBF16>(__VA_ARGS__); break;                 \
+    case kF16 * 2: FN<kF16, kF32>(__VA_ARGS__); break;                        \
+    case kF16 * 2 + 1: FN<kF16, kBF16>(__VA_ARGS__); break;                   \
+    case kF32 * 2 + 1: FN<kF32, kBF16>(__VA_ARGS__); break;                   \
+    default: FN<kF32, kF32>(__VA_ARGS__); break;                              \
   }
+
+template <int D, int S>
+void norms_plain(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq) {
+  Prefetcher none;  // long units stream by themselves
+  int64_t unused[2];
+  norms_t<D, S, 0>(t, b, e, w_sq, g_sq, unused, none);
+}
+template <int D, int S>
+void counts_plain(const CpuTensorArgs& t, int64_t b, int64_t e, float s, int64_t* n_agree, int64_t* n_active) {
+  Prefetcher none;
+  counts_t<D, S>(t, b, e, s, n_agree, n_active, none);
+}
+template <int D, int S>
+void update_plain(const CpuTensorArgs& t, int64_t b, int64_t e, float s, float rho) {
+  Prefetcher none;
+  update_d<D, S>(t, b, e, s, rho, none);
+}
 
 void units_entry(const CpuTensorArgs& t, int64_t ub, int64_t ue, const CpuTensorArgs* after,
                  int64_t after_unit) {
-  NEPTUNE_DTYPE_SWITCH(t.dtype, units_t, t, ub, ue, after, after_unit)
+  NEPTUNE_DTYPE_SWITCH(t, units_t, t, ub, ue, after, after_unit)
 }
 void norms_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq) {
-  Prefetcher none;  // long units stream by themselves
-  int64_t unused[2];
-  switch (t.dtype) {
-    case kBF16: norms_t<kBF16, 0>(t, b, e, w_sq, g_sq, unused, none); break;
-    case kF16: norms_t<kF16, 0>(t, b, e, w_sq, g_sq, unused, none); break;
-    default: norms_t<kF32, 0>(t, b, e, w_sq, g_sq, unused, none); break;
-  }
+  NEPTUNE_DTYPE_SWITCH(t, norms_plain, t, b, e, w_sq, g_sq)
 }
 void counts_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float s, int64_t* n_agree,
                   int64_t* n_active) {
-  Prefetcher none;
-  NEPTUNE_DTYPE_SWITCH(t.dtype, counts_t, t, b, e, s, n_agree, n_active, none)
+  NEPTUNE_DTYPE_SWITCH(t, counts_plain, t, b, e, s, n_agree, n_active)
 }
 void update_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float s, float rho) {
-  Prefetcher none;
-  NEPTUNE_DTYPE_SWITCH(t.dtype, update_d, t, b, e, s, rho, none)
+  NEPTUNE_DTYPE_SWITCH(t, update_plain, t, b, e, s, rho)
 }
 #undef NEPTUNE_DTYPE_SWITCH
 

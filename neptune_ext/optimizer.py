@@ -43,6 +43,22 @@ def validate_hyperparameters(group: dict) -> None:
         _check_range(flag, group[flag], isinstance(group[flag], bool), "True or False")
     impl = group["implementation"]
     _check_range("implementation", impl, impl in _IMPLEMENTATIONS, " | ".join(_IMPLEMENTATIONS))
+    sd = group.get("state_dtype", "float32")
+    _check_range("state_dtype", sd, _state_dtype_name(sd, strict=False) in _STATE_DTYPES,
+                 "torch.float32 or torch.bfloat16")
+
+
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _state_dtype_name(dtype: Any, strict: bool = True) -> str | None:
+    """'float32' / 'bfloat16' (a string keeps state_dict param groups plain data)."""
+    for name, dt in _STATE_DTYPES.items():
+        if dtype == dt or dtype == name:
+            return name
+    if strict:
+        raise ValueError(f"Neptune: invalid state_dtype={dtype!r}; valid range: torch.float32 or torch.bfloat16")
+    return None
 
 
 class Neptune(Optimizer):
@@ -74,6 +90,10 @@ class Neptune(Optimizer):
             unchanged), decided on the device with no host sync, when any of its
             gradients holds an inf or NaN. Off by default, as in torch's AdamW, where
             non-finite gradients propagate into the params.
+        state_dtype: ``torch.float32`` (the spec) or ``torch.bfloat16``: the memory-lean
+            variant keeps ``exp_avg`` / ``exp_avg_sq`` in bfloat16, halving optimizer
+            memory; the arithmetic stays float32 and the state is stochastically rounded
+            with deterministic random bits. CPU operator and reference only for now.
 
     Distributed: DDP and ``ZeroRedundancyOptimizer(optimizer_class=Neptune)`` work as they
     do for AdamW. With FSDP2 (``fully_shard``, DTensor params) the operator steps the local
@@ -103,25 +123,33 @@ class Neptune(Optimizer):
         implementation: str = "auto",
         capturable: bool = False,
         skip_nonfinite: bool = False,
+        state_dtype: torch.dtype | str = torch.float32,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip,
             cautious=cautious, maximize=maximize, implementation=implementation,
             capturable=capturable, skip_nonfinite=skip_nonfinite,
+            state_dtype=_state_dtype_name(state_dtype),
         )
         validate_hyperparameters(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         validate_hyperparameters({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        if "state_dtype" in param_group:
+            param_group["state_dtype"] = _state_dtype_name(param_group["state_dtype"])
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        # Older or foreign (e.g. AdamW) checkpoints: fill what they lack from the defaults.
         for group in self.param_groups:
+            for key, value in getattr(self, "defaults", {}).items():
+                group.setdefault(key, value)
             group.setdefault("implementation", "auto")
             group.setdefault("capturable", False)
             group.setdefault("skip_nonfinite", False)
+            group.setdefault("state_dtype", "float32")
 
     # -- state ---------------------------------------------------------------------------
 
@@ -136,8 +164,13 @@ class Neptune(Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
+            if p.grad.is_sparse or p.grad.layout != torch.strided:
                 raise RuntimeError("Neptune does not support sparse gradients (use dense gradients, e.g. sparse=False in nn.Embedding)")
+            if p.grad.dtype != p.dtype or p.grad.device != p.device or p.grad.shape != p.shape:
+                raise RuntimeError(
+                    f"Neptune: a gradient must match its param's dtype, device and shape; got {p.grad.dtype} "
+                    f"{p.grad.device} {tuple(p.grad.shape)} for a {p.dtype} {p.device} {tuple(p.shape)} param"
+                )
             if torch.is_complex(p):
                 raise RuntimeError("Neptune does not support complex parameters (view them as real with torch.view_as_real)")
             if p.dtype not in SUPPORTED_DTYPES and group["implementation"] != "reference":
@@ -148,29 +181,44 @@ class Neptune(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                sdt = _STATE_DTYPES[group["state_dtype"]]
+                state["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+            elif state["exp_avg"].stride() != p.stride():  # e.g. model.to(memory_format=...)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = _like_param(p, state[key])
+            grad = p.grad
+            if grad.stride() != p.stride():  # the operator walks all four tensors alike
+                grad = _like_param(p, grad)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         return False
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As Optimizer.load_state_dict, but state stays float32 whatever the param dtype
-        (torch's default casts it to the param's dtype, which would round fp32 moments of
-        bf16 params to bf16) and lives on the param's device, `step` included."""
+        """As Optimizer.load_state_dict, but state keeps the group's state dtype (float32,
+        or bfloat16 in the memory-lean variant) whatever the param dtype (torch's default
+        casts it to the param's dtype, which would round fp32 moments of bf16 params to
+        bf16) and lives on the param's device, `step` (float32) included."""
         saved = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            validate_hyperparameters(group)
+        groups = [g for g in self.param_groups for _ in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
+        for saved_id, p, group in zip(saved_ids, params, groups):
             if saved_id not in saved:
                 continue
             for key, value in saved[saved_id].items():
-                if key in ("step", "exp_avg", "exp_avg_sq") and isinstance(value, Tensor):
+                if key == "step" and isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                elif key in ("exp_avg", "exp_avg_sq") and isinstance(value, Tensor):
+                    # The param's layout (e.g. channels_last), whatever the checkpoint's.
+                    dtype = _STATE_DTYPES[group["state_dtype"]]
+                    self.state[p][key] = _like_param(p, value, dtype)
 
     # -- step ----------------------------------------------------------------------------
 
@@ -212,6 +260,7 @@ class Neptune(Optimizer):
             lists: tuple[list, ...] = ([], [], [], [], [])
             self._init_group(group, *lists)
             collected.append((group, lists))
+        steppers = []
         for group, lists in collected:
             if not lists[0]:
                 continue
@@ -222,10 +271,22 @@ class Neptune(Optimizer):
             )
             local, gathered = _split_dtensors(lists)
             grouped = Optimizer._group_tensors_by_device_and_dtype(local) if local[0] else {}
+            buckets = []
             for (device, _dtype), (tensors, _) in grouped.items():
                 if device is None:  # torch.compile skips the grouping (one device assumed)
                     device = tensors[0][0].device
-                self._step_tensors(group, device, tensors, hyper, grad_scale, found_inf)
+                buckets.append((device, tensors))
+            steppers.append((group, hyper, buckets, gathered))
+        # Kernel availability (which may raise) before anything is written.
+        for group, _, buckets, gathered in steppers:
+            for device, _ in buckets:
+                self._use_op(device, group["implementation"])
+        for group, hyper, buckets, gathered in steppers:
+            inf = found_inf
+            if group["skip_nonfinite"]:
+                inf = _nonfinite_flags(buckets, found_inf)
+            for device, tensors in buckets:
+                self._step_tensors(group, device, tensors, hyper, grad_scale, inf)
             for item in gathered:  # DTensors whose units span ranks: step them whole
                 full = [t.full_tensor() for t in item[:4]]
                 self._step_tensors(group, full[0].device, [[t] for t in full] + [[item[4]]], hyper,
@@ -235,15 +296,10 @@ class Neptune(Optimizer):
         return loss
 
     def _step_tensors(self, group, device, tensors, hyper, grad_scale, found_inf) -> None:
-        scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
-        inf = found_inf.to(device, non_blocking=True) if found_inf is not None else None
-        if group["skip_nonfinite"]:
-            nonfinite = torch.zeros(1, dtype=torch.float32, device=device)
-            # Only checks here (an inverse scale of 1 leaves the grads as they are).
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                list(tensors[1]), nonfinite, torch.ones(1, dtype=torch.float32, device=device)
-            )
-            inf = nonfinite if inf is None else inf + nonfinite
+        # Non-blocking only into CUDA: a CPU kernel reads the value at once.
+        nb = device.type == "cuda"
+        scale = grad_scale.to(device, non_blocking=nb) if grad_scale is not None else None
+        inf = found_inf.to(device, non_blocking=nb) if found_inf is not None else None
         lr = hyper["lr"]
         if isinstance(lr, Tensor) and lr.device != device and device.type != "cpu":
             lr = lr.to(device)
@@ -266,6 +322,28 @@ class Neptune(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.device.type != "cuda":
                     raise RuntimeError(f"Neptune: CUDA graph capture needs CUDA params, got one on {p.device}")
+
+
+def _like_param(p: Tensor, value: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A copy of `value` with `p`'s device, layout (strides) and the given dtype."""
+    return torch.empty_like(p, dtype=dtype or value.dtype).copy_(value)
+
+
+def _nonfinite_flags(buckets, found_inf):
+    """One flag for the whole group (on each of its devices): > 0 when any gradient of
+    the group holds an inf or NaN, or when the GradScaler's found_inf is set. Per rank:
+    under FSDP2 each rank sees its own gradient shards."""
+    flags = {}
+    for device, tensors in buckets:
+        flag = flags.setdefault(device, torch.zeros(1, dtype=torch.float32, device=device))
+        # Only checks here (an inverse scale of 1 leaves the grads as they are).
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            list(tensors[1]), flag, torch.ones(1, dtype=torch.float32, device=device)
+        )
+    total = sum(f.to(next(iter(flags)), non_blocking=True) for f in flags.values())
+    if found_inf is not None:
+        total = total + found_inf.to(total.device)
+    return total
 
 
 def _is_dtensor(t: Tensor) -> bool:

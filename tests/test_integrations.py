@@ -116,6 +116,36 @@ def test_skip_nonfinite_skips_the_group_step(bad):
     assert all(s["step"].item() == 2 for s in opt.state.values())
 
 
+def test_skip_nonfinite_covers_every_dtype_of_the_group():
+    a = nn.Parameter(torch.randn(4, 5))
+    b = nn.Parameter(torch.randn(4, 5).bfloat16())
+    opt = Neptune([a, b], skip_nonfinite=True)
+    a.grad = torch.randn(4, 5)
+    b.grad = torch.randn(4, 5).bfloat16()
+    b.grad[0, 0] = float("nan")
+    before = [a.detach().clone(), b.detach().clone()]
+    opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert all(s["step"].item() == 0 for s in opt.state.values())
+
+
+def test_grad_scaler_after_unscale_cpu():
+    if not neptune_ext.has_kernel("cpu"):
+        pytest.skip("CPU extension not built")
+    model, plain = _mlp(), _mlp()
+    opt, plain_opt = Neptune(model.parameters(), lr=1e-2), Neptune(plain.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x, y = _batch(0)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(opt)  # e.g. to clip gradients: the step then gets grad_scale=None
+    scaler.step(opt)
+    scaler.update()
+    nn.functional.cross_entropy(plain(x), y).backward()
+    plain_opt.step()
+    for a, b in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 # -- torch.compile ------------------------------------------------------------------------
 
 

@@ -282,3 +282,67 @@ def test_trains_a_small_model():
         opt.step()
     acc = (model(x).argmax(1) == y).float().mean().item()
     assert acc > 0.9, acc
+
+
+def test_a_later_group_that_cannot_step_updates_nothing(monkeypatch):
+    a, b = _params()[:2]
+    opt = Neptune([{"params": [a], "implementation": "reference"}, {"params": [b], "implementation": "op"}])
+    _set_grads([a, b], 0)
+    monkeypatch.setattr(neptune_ops, "has_kernel", lambda device_type: False)
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="no compiled Neptune kernel"):
+        opt.step()
+    assert torch.equal(a, before), "the first group must not be stepped before the error"
+    assert opt.state[a]["step"].item() == 0
+
+
+def test_gradient_with_other_strides_is_accepted():
+    p = nn.Parameter(torch.randn(4, 6))
+    q = nn.Parameter(p.detach().clone())
+    p.grad = torch.randn(6, 4).t()  # same values layout-wise, transposed strides
+    q.grad = p.grad.contiguous()
+    Neptune([p]).step()
+    Neptune([q]).step()
+    assert torch.equal(p, q)
+
+
+def test_channels_last_after_loading_a_contiguous_checkpoint():
+    conv = nn.Conv2d(3, 8, 3)
+    opt = Neptune(conv.parameters())
+    conv.weight.grad = torch.randn_like(conv.weight)
+    conv.bias.grad = torch.randn_like(conv.bias)
+    opt.step()
+    sd = opt.state_dict()
+    conv_cl = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    conv_cl.load_state_dict(conv.state_dict())
+    opt_cl = Neptune(conv_cl.parameters())
+    opt_cl.load_state_dict(sd)
+    conv_cl.weight.grad = conv.weight.grad.to(memory_format=torch.channels_last)
+    conv_cl.bias.grad = conv.bias.grad.clone()
+    opt.step()
+    opt_cl.step()
+    torch.testing.assert_close(conv_cl.weight, conv.weight, rtol=1e-6, atol=1e-7)
+
+
+def test_loads_an_adamw_checkpoint():
+    params = _params()
+    adamw = torch.optim.AdamW(params, lr=3e-3)
+    _set_grads(params, 0)
+    adamw.step()
+    opt = Neptune(params)
+    opt.load_state_dict(adamw.state_dict())
+    assert opt.param_groups[0]["clip"] == 0.1 and opt.param_groups[0]["lr"] == 3e-3
+    opt.step()
+    assert opt.state[params[0]]["step"].item() == 2
+
+
+def test_tensor_lr_survives_a_state_dict_round_trip():
+    params = _params()
+    opt = Neptune(params, lr=torch.tensor(2e-3))
+    _set_grads(params, 0)
+    opt.step()
+    opt2 = Neptune(params, lr=torch.tensor(5e-3))
+    opt2.load_state_dict(opt.state_dict())
+    assert isinstance(opt2.param_groups[0]["lr"], torch.Tensor)
+    assert opt2.param_groups[0]["lr"].item() == pytest.approx(2e-3)
+    opt2.step()
