@@ -8,6 +8,7 @@
 
 Contenders (filter with --contenders):
   neptune-op          neptune_ext.neptune_step_ on the tensor lists (the fused operator alone)
+  neptune-op-bf16state  the same with exp_avg / exp_avg_sq in bf16 (the memory-lean variant)
   neptune-optimizer   neptune_ext.Neptune(...).step() (operator + Python grouping overhead)
   neptune-reference   neptune_step_reference_multi (pure PyTorch; slow: capped reps, and
                       skipped above REFERENCE_LIMIT params unless --reference-all)
@@ -79,7 +80,7 @@ from step_sets import ParamSet, build_sets  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTENDERS = (
-    "neptune-op", "neptune-optimizer", "neptune-reference",
+    "neptune-op", "neptune-op-bf16state", "neptune-optimizer", "neptune-reference",
     "adamw-forloop", "adamw-foreach", "adamw-fused", "deepspeed-cpu-adam",
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -145,9 +146,9 @@ def _traffic(p: torch.Tensor, state_tensors: list[torch.Tensor]) -> int:
     return b
 
 
-def _neptune_lists(params):
-    ms = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    vs = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+def _neptune_lists(params, state_dtype=torch.float32):
+    ms = [torch.zeros_like(p, dtype=state_dtype) for p in params]
+    vs = [torch.zeros_like(p, dtype=state_dtype) for p in params]
     steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
     return [p.detach() for p in params], [p.grad for p in params], ms, vs, steps
 
@@ -160,9 +161,10 @@ def _neptune_kwargs():
 def build_instance(name: str, params: list[torch.nn.Parameter]) -> Instance:
     import neptune_ext
 
-    if name in ("neptune-op", "neptune-reference"):
-        lists = _neptune_lists(params)
-        fn = neptune_ext.neptune_step_ if name == "neptune-op" else neptune_ext.neptune_step_reference_multi
+    if name in ("neptune-op", "neptune-op-bf16state", "neptune-reference"):
+        # neptune-op-bf16state: the memory-lean variant (exp_avg / exp_avg_sq in bf16).
+        lists = _neptune_lists(params, torch.bfloat16 if name == "neptune-op-bf16state" else torch.float32)
+        fn = neptune_ext.neptune_step_reference_multi if name == "neptune-reference" else neptune_ext.neptune_step_
         kw = _neptune_kwargs()
 
         def step():
@@ -214,7 +216,10 @@ def available_contenders(device: str, wanted: list[str]) -> tuple[list[str], lis
             except Exception as e:  # not installed or its op cannot build: skipped
                 notes.append(f"deepspeed-cpu-adam: skipped, deepspeed not importable ({type(e).__name__})")
                 continue
-        if c in ("neptune-op", "neptune-optimizer") and not neptune_ext.has_kernel(device):
+        if c == "neptune-op-bf16state" and device != "cpu":
+            notes.append(f"{c}: CPU only for now (the CUDA operator takes fp32 state)")
+            continue
+        if c in ("neptune-op", "neptune-op-bf16state", "neptune-optimizer") and not neptune_ext.has_kernel(device):
             notes.append(f"{c}: skipped, no compiled Neptune kernel for {device} ({neptune_ext.ops.describe_build()})")
             continue
         run.append(c)
