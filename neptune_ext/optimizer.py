@@ -301,7 +301,7 @@ class Neptune(Optimizer):
         scale = grad_scale.to(device, non_blocking=nb) if grad_scale is not None else None
         inf = found_inf.to(device, non_blocking=nb) if found_inf is not None else None
         lr = hyper["lr"]
-        if isinstance(lr, Tensor) and lr.device != device and device.type != "cpu":
+        if isinstance(lr, Tensor) and lr.device != device:  # the op dispatches on its tensors' device
             lr = lr.to(device)
         kw = dict(hyper, lr=lr, grad_scale=scale, found_inf=inf)
         if self._use_op(device, group["implementation"]):
