@@ -60,43 +60,78 @@ struct Task {
   int64_t unit_begin, unit_end;
 };
 
-void step_long_unit(const CpuKernels& k, const CpuTensorArgs& a, int64_t b, int64_t e) {
-  const int64_t n_chunks = (e - b + kCpuChunk - 1) / kCpuChunk;
-  float s = 1.f;
-  if (a.c.clip > 0.f) {
+// Units longer than kCpuChunk (large 1-D tensors, very long rows), all of them at once:
+// fixed chunks of kCpuChunk elements, per-chunk norm partials and agreement counts
+// summed per unit in chunk order (so results do not depend on the thread count), then a
+// streaming update. Three parallel phases in all, however many long units there are.
+void step_long_units(const CpuKernels& k, const std::vector<CpuTensorArgs>& args,
+                     const std::vector<int32_t>& long_tensors) {
+  struct Unit {
+    const CpuTensorArgs* a;
+    int64_t first_chunk, n_chunks;
+    float s, rho;
+  };
+  struct Chunk {
+    int64_t unit, b, e;
+  };
+  std::vector<Unit> units;
+  std::vector<Chunk> chunks;
+  for (int32_t i : long_tensors) {
+    const CpuTensorArgs& a = args[i];
+    for (int64_t b = 0; b < a.numel; b += a.unit_len) {
+      const int64_t e = b + a.unit_len, n = (a.unit_len + kCpuChunk - 1) / kCpuChunk;
+      units.push_back({&a, (int64_t)chunks.size(), n, 1.f, 1.f});
+      for (int64_t c = 0; c < n; ++c)
+        chunks.push_back({(int64_t)units.size() - 1, b + c * kCpuChunk, std::min(b + (c + 1) * kCpuChunk, e)});
+    }
+  }
+  const int64_t n_chunks = (int64_t)chunks.size();
+  const bool clip = units[0].a->c.clip > 0.f, cautious = units[0].a->c.cautious != 0;  // one call, one rule
+  // Agreement counts per chunk; with clipping on they are first counted for s == 1 in the
+  // norms pass, and a unit that turns out clipped is counted again (as in the kernel).
+  std::vector<int64_t> counts(cautious ? 2 * n_chunks : 0, 0);
+  std::vector<char> recount(units.size(), cautious ? 1 : 0);
+  if (clip) {
     std::vector<float> partial(2 * n_chunks);
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t cb = b + c * kCpuChunk, ce = std::min(cb + kCpuChunk, e);
-        k.norms(a, cb, ce, &partial[2 * c], &partial[2 * c + 1]);
-      }
+      for (int64_t c = c0; c < c1; ++c)
+        k.norms(*units[chunks[c].unit].a, chunks[c].b, chunks[c].e, &partial[2 * c], &partial[2 * c + 1],
+                cautious ? &counts[2 * c] : nullptr);
     });
-    float w_sq = 0.f, g_sq = 0.f;
-    for (int64_t c = 0; c < n_chunks; ++c) {
-      w_sq += partial[2 * c];
-      g_sq += partial[2 * c + 1];
+    for (size_t ui = 0; ui < units.size(); ++ui) {
+      Unit& u = units[ui];
+      float w_sq = 0.f, g_sq = 0.f;
+      for (int64_t c = u.first_chunk; c < u.first_chunk + u.n_chunks; ++c) {
+        w_sq += partial[2 * c];
+        g_sq += partial[2 * c + 1];
+      }
+      u.s = clip_factor(w_sq, g_sq, u.a->c.clip);
+      recount[ui] = cautious && u.s != 1.f;
     }
-    s = clip_factor(w_sq, g_sq, a.c.clip);
   }
-  float rho = 1.f;
-  if (a.c.cautious) {
-    std::vector<int64_t> partial(2 * n_chunks, 0);
+  if (cautious) {
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t cb = b + c * kCpuChunk, ce = std::min(cb + kCpuChunk, e);
-        k.counts(a, cb, ce, s, &partial[2 * c], &partial[2 * c + 1]);
+        const Unit& u = units[chunks[c].unit];
+        if (!recount[chunks[c].unit]) continue;
+        counts[2 * c] = counts[2 * c + 1] = 0;
+        k.counts(*u.a, chunks[c].b, chunks[c].e, u.s, &counts[2 * c], &counts[2 * c + 1]);
       }
     });
-    int64_t n_agree = 0, n_active = 0;
-    for (int64_t c = 0; c < n_chunks; ++c) {
-      n_agree += partial[2 * c];
-      n_active += partial[2 * c + 1];
+    for (Unit& u : units) {
+      int64_t n_agree = 0, n_active = 0;
+      for (int64_t c = u.first_chunk; c < u.first_chunk + u.n_chunks; ++c) {
+        n_agree += counts[2 * c];
+        n_active += counts[2 * c + 1];
+      }
+      u.rho = rho_floor(n_agree, n_active, 1);
     }
-    rho = rho_floor(n_agree, n_active, 1);
   }
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    const int64_t cb = b + c0 * kCpuChunk, ce = std::min(b + c1 * kCpuChunk, e);
-    k.update(a, cb, ce, s, rho);
+    for (int64_t c = c0; c < c1; ++c) {
+      const Unit& u = units[chunks[c].unit];
+      k.update(*u.a, chunks[c].b, chunks[c].e, u.s, u.rho);
+    }
   });
 }
 
@@ -172,10 +207,7 @@ void neptune_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tens
               more ? &args[tasks[t + 1].tensor] : nullptr, more ? tasks[t + 1].unit_begin : 0);
     }
   });
-  for (int32_t i : long_tensors) {
-    const CpuTensorArgs& a = args[i];
-    for (int64_t b = 0; b < a.numel; b += a.unit_len) step_long_unit(k, a, b, b + a.unit_len);
-  }
+  if (!long_tensors.empty()) step_long_units(k, args, long_tensors);
 }
 
 void neptune_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

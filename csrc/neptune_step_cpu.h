@@ -35,7 +35,8 @@ struct CpuKernels {
   void (*units)(const CpuTensorArgs& t, int64_t unit_begin, int64_t unit_end, const CpuTensorArgs* after,
                 int64_t after_unit);
   // Pieces of one long unit, over elements [b, e):
-  void (*norms)(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq);
+  // With `counts` non-null, also adds the agreement counts for s == 1 to counts[0..1].
+  void (*norms)(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq, int64_t* counts);
   void (*counts)(const CpuTensorArgs& t, int64_t b, int64_t e, float s, int64_t* n_agree,
                  int64_t* n_active);
   void (*update)(const CpuTensorArgs& t, int64_t b, int64_t e, float s, float rho);

@@ -465,10 +465,13 @@ void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs
   }
 
 template <int D, int S>
-void norms_plain(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq) {
+void norms_plain(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq, int64_t* counts) {
   Prefetcher none;  // long units stream by themselves
   int64_t unused[2];
-  norms_t<D, S, 0>(t, b, e, w_sq, g_sq, unused, none);
+  if (counts != nullptr)
+    norms_t<D, S, 1>(t, b, e, w_sq, g_sq, counts, none);
+  else
+    norms_t<D, S, 0>(t, b, e, w_sq, g_sq, unused, none);
 }
 template <int D, int S>
 void counts_plain(const CpuTensorArgs& t, int64_t b, int64_t e, float s, int64_t* n_agree, int64_t* n_active) {
@@ -485,8 +488,8 @@ void units_entry(const CpuTensorArgs& t, int64_t ub, int64_t ue, const CpuTensor
                  int64_t after_unit) {
   NEPTUNE_DTYPE_SWITCH(t, units_t, t, ub, ue, after, after_unit)
 }
-void norms_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq) {
-  NEPTUNE_DTYPE_SWITCH(t, norms_plain, t, b, e, w_sq, g_sq)
+void norms_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, float* g_sq, int64_t* counts) {
+  NEPTUNE_DTYPE_SWITCH(t, norms_plain, t, b, e, w_sq, g_sq, counts)
 }
 void counts_entry(const CpuTensorArgs& t, int64_t b, int64_t e, float s, int64_t* n_agree,
                   int64_t* n_active) {

@@ -78,9 +78,15 @@ def test_op_matches_reference(isa, dtype, variant):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_long_units_match_reference(dtype):
-    # Units longer than the in-cache limit take the chunked path.
-    _compare_steps(LONG_SHAPES, dtype, HYPER, n_steps=2)
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"cautious": False}, {"clip": 0.0}, {"maximize": True}, {"clip": 0.02}, {"clip": 10.0}],
+    ids=["default", "no-mask", "no-clip", "maximize", "hard-clip", "never-clipped"],
+)
+def test_long_units_match_reference(dtype, variant):
+    # Units longer than the in-cache limit take the chunked path (with the s == 1 counts
+    # from the norms pass, and a recount for clipped units).
+    _compare_steps(LONG_SHAPES + [(3, 33001)], dtype, {**HYPER, **variant}, n_steps=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
