@@ -2,7 +2,7 @@
 
 Covers every kernel path: warp units (aligned and misaligned rows), block units, chunked
 long units (all three roles), zero-size tensors, fp32/bf16/fp16, found_inf both ways and
-a tensor lr; then views at element offsets into their buffers (co-aligned: scalar head and
+a tensor lr, with float32 and with bfloat16 (memory-lean) state; then views at element offsets into their buffers (co-aligned: scalar head and
 16-byte vectors; not co-aligned: the all-scalar fallback) with the three dtypes in one list.
 Prints OK and exits 0 when the steps ran; the sanitizer reports its findings.
 """
@@ -17,11 +17,12 @@ if dev == "cuda" and (not torch.cuda.is_available() or not neptune_ext.has_kerne
     print("sanitizer_step: no GPU or no CUDA kernel:", neptune_ext.ops.describe_build())
     sys.exit(2)
 shapes = [(), (7,), (0,), (1031,), (5, 1031), (64, 3, 3, 3), (3, 5000), (2, 16385), (40000,)]
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
+for dtype, state_dtype in [(dt, sdt) for sdt in (torch.float32, torch.bfloat16)
+                           for dt in (torch.float32, torch.bfloat16, torch.float16)]:
     p = [torch.randn(s, device=dev).to(dtype) for s in shapes]
     g = [torch.randn(s, device=dev).to(dtype) for s in shapes]
-    m = [torch.zeros(s, device=dev) for s in shapes]
-    v = [torch.zeros(s, device=dev) for s in shapes]
+    m = [torch.zeros(s, device=dev, dtype=state_dtype) for s in shapes]
+    v = [torch.zeros(s, device=dev, dtype=state_dtype) for s in shapes]
     st = [torch.zeros((), device=dev) for _ in shapes]
     for clip, cautious in ((0.1, True), (0.0, False), (0.1, False), (0.0, True)):
         for found in (0.0, 1.0):
@@ -38,12 +39,14 @@ def at_offset(t, off):
     return v
 
 
-for offsets in ((1, 1, 1, 1), (1, 1, 0, 0), (0, 3, 0, 0)):
+for offsets, state_dtype in (((1, 1, 1, 1), torch.float32), ((1, 1, 0, 0), torch.float32),
+                             ((0, 3, 0, 0), torch.float32), ((1, 1, 1, 1), torch.bfloat16),
+                             ((4, 4, 0, 0), torch.bfloat16), ((0, 0, 1, 1), torch.bfloat16)):
     lists = [[], [], [], [], []]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for s in shapes:
             t = [torch.randn(s, device=dev).to(dtype), torch.randn(s, device=dev).to(dtype),
-                 torch.zeros(s, device=dev), torch.zeros(s, device=dev)]
+                 torch.zeros(s, device=dev, dtype=state_dtype), torch.zeros(s, device=dev, dtype=state_dtype)]
             for k in range(4):
                 lists[k].append(at_offset(t[k], offsets[k]))
             lists[4].append(torch.zeros((), device=dev))

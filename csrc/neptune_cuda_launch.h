@@ -15,12 +15,12 @@ namespace neptune {
 struct DevTensor {
   void* w;           // param, `dtype`
   const void* g;     // grad, `dtype`
-  float* m;          // exp_avg
-  float* v;          // exp_avg_sq
+  void* m;           // exp_avg, `state_dtype`
+  void* v;           // exp_avg_sq, `state_dtype`
   float* step;       // 0-dim float32 step counter, incremented by the last launch
   cuda_plan::TensorPlan plan;
-  int32_t dtype;     // ParamDtype
-  int32_t pad_;
+  int32_t dtype;        // ParamDtype of param and grad
+  int32_t state_dtype;  // kF32, or kBF16 (the memory-lean variant: stochastic rounding)
 };
 
 // Built by the host compiler (register.cpp), read by the device compiler (kernels): keep the

@@ -44,104 +44,146 @@ template <> struct Elem<kF16> {
   static __device__ __forceinline__ T store(float f) { return __half_as_ushort(__float2half_rn(f)); }
 };
 
-// 16-byte vectors: 4 fp32 or 8 bf16/fp16 params; state (fp32) takes VEC/4 16-byte accesses.
-template <int D> struct Vec { static constexpr int N = 16 / (int)sizeof(typename Elem<D>::T); };
+// 16-byte vectors of VEC elements: 4 while every array is fp32, else 8 (bf16/fp16 params or
+// bf16 state); an array of fp32 takes VEC/4 16-byte accesses, one of 16-bit elements VEC/8.
+template <int D, int S> struct Vec {
+  static constexpr int N = (sizeof(typename Elem<D>::T) == 4 && sizeof(typename Elem<S>::T) == 4) ? 4 : 8;
+};
 
-template <int D>
-__device__ __forceinline__ void load_param_vec(const typename Elem<D>::T* p, float* out) {
+template <int D, int N>
+__device__ __forceinline__ void load_vec(const typename Elem<D>::T* p, float* out) {
   if constexpr (D == kF32) {
-    const float4 q = *reinterpret_cast<const float4*>(p);
-    out[0] = q.x; out[1] = q.y; out[2] = q.z; out[3] = q.w;
-  } else {
-    const uint4 q = *reinterpret_cast<const uint4*>(p);
-    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {  // little endian: element 2k in the low half
-      out[2 * k] = Elem<D>::load((uint16_t)(words[k] & 0xFFFFu));
-      out[2 * k + 1] = Elem<D>::load((uint16_t)(words[k] >> 16));
+    for (int k = 0; k < N / 4; ++k) {
+      const float4 q = reinterpret_cast<const float4*>(p)[k];
+      out[4 * k] = q.x; out[4 * k + 1] = q.y; out[4 * k + 2] = q.z; out[4 * k + 3] = q.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N / 8; ++k) {
+      const uint4 q = reinterpret_cast<const uint4*>(p)[k];
+      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // little endian: element 2j in the low half
+        out[8 * k + 2 * j] = Elem<D>::load((uint16_t)(words[j] & 0xFFFFu));
+        out[8 * k + 2 * j + 1] = Elem<D>::load((uint16_t)(words[j] >> 16));
+      }
     }
   }
 }
 
-template <int D>
-__device__ __forceinline__ void store_param_vec(typename Elem<D>::T* p, const float* in) {
+// Round to nearest (params, fp32 state).
+template <int D, int N>
+__device__ __forceinline__ void store_vec(typename Elem<D>::T* p, const float* in) {
   if constexpr (D == kF32) {
-    *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
+#pragma unroll
+    for (int k = 0; k < N / 4; ++k)
+      reinterpret_cast<float4*>(p)[k] = make_float4(in[4 * k], in[4 * k + 1], in[4 * k + 2], in[4 * k + 3]);
   } else {
-    uint32_t words[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
-      words[k] = (uint32_t)Elem<D>::store(in[2 * k]) | ((uint32_t)Elem<D>::store(in[2 * k + 1]) << 16);
-    *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+    for (int k = 0; k < N / 8; ++k) {
+      uint32_t words[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        words[j] = (uint32_t)Elem<D>::store(in[8 * k + 2 * j]) | ((uint32_t)Elem<D>::store(in[8 * k + 2 * j + 1]) << 16);
+      reinterpret_cast<uint4*>(p)[k] = make_uint4(words[0], words[1], words[2], words[3]);
+    }
   }
 }
 
-template <int N>
-__device__ __forceinline__ void load_state_vec(const float* p, float* out) {
+// exp_avg / exp_avg_sq store of N elements (1: scalar, else a vector) whose first one is
+// element `index` of its unit: fp32 as is, bf16 stochastically rounded exactly as the CPU
+// operator and the reference do (bits from sr_bits(index within the unit, step t, stream)).
+template <int S, int N>
+__device__ __forceinline__ void store_state(typename Elem<S>::T* p, const float* in, int64_t index, uint32_t step,
+                                            uint32_t stream) {
+  if constexpr (S == kF32) {
+    if constexpr (N == 1)
+      *p = in[0];
+    else
+      store_vec<kF32, N>(p, in);
+  } else {
+    static_assert(S == kBF16, "state is float32 or bfloat16");
+    auto sr = [&](int j) -> uint32_t {
+      return (uint32_t)bf16_round_stochastic(in[j], sr_bits((uint64_t)(index + j), step, stream));
+    };
+    if constexpr (N == 1) {
+      *p = (uint16_t)sr(0);
+    } else {
 #pragma unroll
-  for (int k = 0; k < N / 4; ++k) {
-    const float4 q = reinterpret_cast<const float4*>(p)[k];
-    out[4 * k] = q.x; out[4 * k + 1] = q.y; out[4 * k + 2] = q.z; out[4 * k + 3] = q.w;
+      for (int k = 0; k < N / 8; ++k) {
+        uint32_t words[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) words[j] = sr(8 * k + 2 * j) | (sr(8 * k + 2 * j + 1) << 16);
+        reinterpret_cast<uint4*>(p)[k] = make_uint4(words[0], words[1], words[2], words[3]);
+      }
+    }
   }
 }
 
-template <int N>
-__device__ __forceinline__ void store_state_vec(float* p, const float* in) {
-#pragma unroll
-  for (int k = 0; k < N / 4; ++k)
-    reinterpret_cast<float4*>(p)[k] = make_float4(in[4 * k], in[4 * k + 1], in[4 * k + 2], in[4 * k + 3]);
-}
+// The step number t = step + 1 of this step (the counter is incremented by the last launch):
+// the bias corrections' t, and as uint32 the stochastic rounding's step, as on the CPU.
+__device__ __forceinline__ float next_step(const DevTensor& t) { return *t.step + 1.f; }
 
 // Which arrays a pass reads and writes.
 enum : int { kLdW = 1, kLdG = 2, kLdM = 4, kLdV = 8, kStW = 16, kStMV = 32 };
 
-// Elements [b, b + n) of one tensor, strided over `nthr` threads: a scalar head up to the
-// 16-byte boundary of W, 16-byte vectors while all four arrays are aligned, a scalar tail
-// (all scalar when the arrays' alignments differ). fn(w, g, m, v) gets float arrays of 1
-// or VEC elements, in place. The split depends on addresses only: deterministic.
-template <int D, int F, class Fn>
-__device__ __forceinline__ void traverse(const DevTensor& t, int64_t b, int64_t n, int tid, int nthr, Fn&& fn) {
-  using E = Elem<D>;
-  using T = typename E::T;
-  constexpr int VEC = Vec<D>::N;
+// Elements [b, b + n) of one tensor (within one unit), strided over `nthr` threads: a scalar
+// head up to the 16-byte boundary of the array with the narrowest elements (the strictest
+// alignment in elements), VEC-element vectors while all four arrays are 16-byte aligned at
+// the same element, a scalar tail (all scalar when the arrays' alignments differ). fn(w, g,
+// m, v) gets float arrays of 1 or VEC elements, in place. D: param / grad type, S: state
+// type. The split depends on addresses only: deterministic.
+template <int D, int S, int F, class Fn>
+__device__ __forceinline__ void traverse(const DevTensor& t, int64_t b, int64_t n, int64_t uoff, int tid, int nthr,
+                                         Fn&& fn) {
+  using T = typename Elem<D>::T;
+  using ST = typename Elem<S>::T;
+  constexpr int VEC = Vec<D, S>::N;
   T* w = static_cast<T*>(t.w) + b;
   const T* g = static_cast<const T*>(t.g) + b;
-  float* m = t.m + b;
-  float* v = t.v + b;
-  int64_t h = (int64_t)(((16u - ((uint32_t)(uintptr_t)w & 15u)) & 15u) / sizeof(T));
+  ST* m = static_cast<ST*>(t.m) + b;
+  ST* v = static_cast<ST*>(t.v) + b;
+  const uintptr_t lead = sizeof(ST) < sizeof(T) ? (uintptr_t)m : (uintptr_t)w;
+  constexpr uint32_t lead_size = sizeof(ST) < sizeof(T) ? (uint32_t)sizeof(ST) : (uint32_t)sizeof(T);
+  int64_t h = (int64_t)(((16u - ((uint32_t)lead & 15u)) & 15u) / lead_size);
   if (h > n) h = n;
-  // W + h is aligned by construction; the others must be aligned at the same element.
-  if ((((uintptr_t)(g + h) | (uintptr_t)(m + h) | (uintptr_t)(v + h)) & 15u) != 0) h = n;
+  // The lead array is aligned at element h by construction; each other one must be too.
+  if ((((uintptr_t)(w + h) | (uintptr_t)(g + h) | (uintptr_t)(m + h) | (uintptr_t)(v + h)) & 15u) != 0) h = n;
   const int64_t nv = (n - h) / VEC;
   const int64_t tail = h + nv * VEC;
+  // bf16 state stores: element b + i is element uoff + i of its unit (units are spans).
+  uint32_t sr_step = 0;
+  if constexpr (S == kBF16 && (F & kStMV) != 0) sr_step = (uint32_t)next_step(t);
 
   auto scalar = [&](int64_t i) {
     float wf[1], gf[1], mf[1], vf[1];
-    if (F & kLdW) wf[0] = E::load(w[i]);
-    if (F & kLdG) gf[0] = E::load(g[i]);
-    if (F & kLdM) mf[0] = m[i];
-    if (F & kLdV) vf[0] = v[i];
+    if (F & kLdW) wf[0] = Elem<D>::load(w[i]);
+    if (F & kLdG) gf[0] = Elem<D>::load(g[i]);
+    if (F & kLdM) mf[0] = Elem<S>::load(m[i]);
+    if (F & kLdV) vf[0] = Elem<S>::load(v[i]);
     fn(wf, gf, mf, vf);
-    if (F & kStW) w[i] = E::store(wf[0]);
+    if (F & kStW) w[i] = Elem<D>::store(wf[0]);
     if (F & kStMV) {
-      m[i] = mf[0];
-      v[i] = vf[0];
+      store_state<S, 1>(m + i, mf, uoff + i, sr_step, 0);
+      store_state<S, 1>(v + i, vf, uoff + i, sr_step, 1);
     }
   };
   for (int64_t i = tid; i < h; i += nthr) scalar(i);
-#pragma unroll 2
+  // bf16 state: no unrolling (the rounding's hashes would spill registers in the update pass).
+#pragma unroll(S == kBF16 ? 1 : 2)
   for (int64_t k = tid; k < nv; k += nthr) {
     const int64_t i = h + k * VEC;
     float wf[VEC], gf[VEC], mf[VEC], vf[VEC];
-    if (F & kLdW) load_param_vec<D>(w + i, wf);
-    if (F & kLdG) load_param_vec<D>(g + i, gf);
-    if (F & kLdM) load_state_vec<VEC>(m + i, mf);
-    if (F & kLdV) load_state_vec<VEC>(v + i, vf);
+    if (F & kLdW) load_vec<D, VEC>(w + i, wf);
+    if (F & kLdG) load_vec<D, VEC>(g + i, gf);
+    if (F & kLdM) load_vec<S, VEC>(m + i, mf);
+    if (F & kLdV) load_vec<S, VEC>(v + i, vf);
     fn(wf, gf, mf, vf);
-    if (F & kStW) store_param_vec<D>(w + i, wf);
+    if (F & kStW) store_vec<D, VEC>(w + i, wf);
     if (F & kStMV) {
-      store_state_vec<VEC>(m + i, mf);
-      store_state_vec<VEC>(v + i, vf);
+      store_state<S, VEC>(m + i, mf, uoff + i, sr_step, 0);
+      store_state<S, VEC>(v + i, vf, uoff + i, sr_step, 1);
     }
   }
   for (int64_t i = tail + tid; i < n; i += nthr) scalar(i);
@@ -184,7 +226,7 @@ __device__ __forceinline__ void group_sum2(V& a, V& b) {
 
 // Per-tensor constants on the device, as step_consts() computes them on the host.
 __device__ __forceinline__ StepConsts tensor_consts(const StepArgs& a, const DevTensor& t) {
-  const float tf = *t.step + 1.f;  // the CPU op increments the float counter, then widens
+  const float tf = next_step(t);  // the CPU op increments the float counter, then widens
   const double td = (double)tf;
   const double lr = a.lr_f32 != nullptr ? (double)*a.lr_f32 : (a.lr_f64 != nullptr ? *a.lr_f64 : a.lr);
   StepConsts c;
@@ -210,12 +252,12 @@ __device__ __forceinline__ StepConsts tensor_consts(const StepArgs& a, const Dev
 #define NEPTUNE_LEN(arr) ((int)(sizeof(arr) / sizeof(float)))
 
 // 1. squared norms of W and of the rule's gradient over [b, b + n), summed over the group.
-template <int D, bool BLOCK>
+template <int D, int S, bool BLOCK>
 __device__ __forceinline__ void group_norms(const DevTensor& t, const StepConsts& c, int64_t b, int64_t n, int tid,
                                             float& w_sq, float& g_sq) {
   constexpr int NTHR = BLOCK ? kThreads : kWarpSize;
   float ws = 0.f, gs = 0.f;
-  traverse<D, kLdW | kLdG>(t, b, n, tid, NTHR, [&](auto& wf, auto& gf, auto&, auto&) {
+  traverse<D, S, kLdW | kLdG>(t, b, n, 0, tid, NTHR, [&](auto& wf, auto& gf, auto&, auto&) {
 #pragma unroll
     for (int j = 0; j < NEPTUNE_LEN(wf); ++j) {
       const float x = wf[j];
@@ -231,12 +273,12 @@ __device__ __forceinline__ void group_norms(const DevTensor& t, const StepConsts
 
 // 3. agreement / activity counts over [b, b + n) for clip factor s, without writing: the
 // moment is computed exactly as the update pass computes it.
-template <int D, bool BLOCK>
+template <int D, int S, bool BLOCK>
 __device__ __forceinline__ void group_counts(const DevTensor& t, const StepConsts& c, float s, int64_t b, int64_t n,
                                              int tid, unsigned long long& n_agree, unsigned long long& n_active) {
   constexpr int NTHR = BLOCK ? kThreads : kWarpSize;
   uint32_t ca = 0, cb = 0;  // per thread: at most a chunk / kThreads elements
-  traverse<D, kLdG | kLdM>(t, b, n, tid, NTHR, [&](auto&, auto& gf, auto& mf, auto&) {
+  traverse<D, S, kLdG | kLdM>(t, b, n, 0, tid, NTHR, [&](auto&, auto& gf, auto& mf, auto&) {
 #pragma unroll
     for (int j = 0; j < NEPTUNE_LEN(gf); ++j) {
       const float g = grad_in(gf[j], c) * s;
@@ -252,45 +294,47 @@ __device__ __forceinline__ void group_counts(const DevTensor& t, const StepConst
   n_active = bb;
 }
 
-// 2-4. moments, direction, mask, decay and step: the one pass that writes.
-template <int D, bool BLOCK>
+// 2-4. moments, direction, mask, decay and step: the one pass that writes. Element b is
+// element uoff of its unit (the stochastic rounding of bf16 state follows the unit index).
+template <int D, int S, bool BLOCK>
 __device__ __forceinline__ void group_update(const DevTensor& t, const StepConsts& c, float s, float rho, int64_t b,
-                                             int64_t n, int tid) {
+                                             int64_t n, int64_t uoff, int tid) {
   constexpr int NTHR = BLOCK ? kThreads : kWarpSize;
-  traverse<D, kLdW | kLdG | kLdM | kLdV | kStW | kStMV>(t, b, n, tid, NTHR, [&](auto& wf, auto& gf, auto& mf, auto& vf) {
+  traverse<D, S, kLdW | kLdG | kLdM | kLdV | kStW | kStMV>(t, b, n, uoff, tid, NTHR,
+                                                            [&](auto& wf, auto& gf, auto& mf, auto& vf) {
 #pragma unroll
     for (int j = 0; j < NEPTUNE_LEN(wf); ++j) wf[j] = element_step(wf[j], gf[j], mf[j], vf[j], s, rho, c);
   });
 }
 
 // A whole unit [b, b + n) by one warp (BLOCK = false, tid = lane) or one block.
-template <int D, bool BLOCK>
+template <int D, int S, bool BLOCK>
 __device__ __forceinline__ void unit_step(const DevTensor& t, const StepConsts& c, int64_t b, int64_t n, int tid) {
   float s = 1.f;
   if (c.clip > 0.f) {
     float w_sq, g_sq;
-    group_norms<D, BLOCK>(t, c, b, n, tid, w_sq, g_sq);
+    group_norms<D, S, BLOCK>(t, c, b, n, tid, w_sq, g_sq);
     s = clip_factor(w_sq, g_sq, c.clip);
   }
   float rho = 1.f;
   if (c.cautious) {
     unsigned long long n_agree, n_active;
-    group_counts<D, BLOCK>(t, c, s, b, n, tid, n_agree, n_active);
+    group_counts<D, S, BLOCK>(t, c, s, b, n, tid, n_agree, n_active);
     rho = rho_floor((int64_t)n_agree, (int64_t)n_active, 1);
   }
-  group_update<D, BLOCK>(t, c, s, rho, b, n, tid);
+  group_update<D, S, BLOCK>(t, c, s, rho, b, n, 0, tid);  // b starts the unit
 }
 
 // One chunk of a long unit in the given role. Partials of the unit's chunks are summed in
 // chunk order (per thread, then the fixed block sum): every chunk block gets the same s, rho.
-template <int D>
+template <int D, int S>
 __device__ __forceinline__ void chunk_step(const StepArgs& a, const DevTensor& t, const StepConsts& c, const Work& w,
                                            int role) {
   const int tid = threadIdx.x;
   const int64_t b = w.elem_begin, n = w.elem_end - w.elem_begin;
   if (role == kRoleNorm) {
     float w_sq, g_sq;
-    group_norms<D, true>(t, c, b, n, tid, w_sq, g_sq);
+    group_norms<D, S, true>(t, c, b, n, tid, w_sq, g_sq);
     if (tid == 0) {
       a.norm_partials[2 * w.long_index] = w_sq;
       a.norm_partials[2 * w.long_index + 1] = g_sq;
@@ -309,7 +353,7 @@ __device__ __forceinline__ void chunk_step(const StepArgs& a, const DevTensor& t
   }
   if (role == kRoleCount) {
     unsigned long long n_agree, n_active;
-    group_counts<D, true>(t, c, s, b, n, tid, n_agree, n_active);
+    group_counts<D, S, true>(t, c, s, b, n, tid, n_agree, n_active);
     if (tid == 0) {
       a.count_partials[2 * w.long_index] = n_agree;
       a.count_partials[2 * w.long_index + 1] = n_active;
@@ -326,8 +370,27 @@ __device__ __forceinline__ void chunk_step(const StepArgs& a, const DevTensor& t
     group_sum2<true>(n_agree, n_active);
     rho = rho_floor((int64_t)n_agree, (int64_t)n_active, 1);
   }
-  group_update<D, true>(t, c, s, rho, b, n, tid);
+  group_update<D, S, true>(t, c, s, rho, b, n, b - w.unit * t.plan.unit_len, tid);
 }
+
+// Runs the statement (which names template arguments D and S) for the tensor's param dtype
+// D and state dtype S: 3 x 2 instantiations, one branch per tensor (uniform in the group).
+#define NEPTUNE_DISPATCH_D(t, ...)                         \
+  switch ((t).dtype) {                                     \
+    case kBF16: { constexpr int D = kBF16; __VA_ARGS__; } break; \
+    case kF16: { constexpr int D = kF16; __VA_ARGS__; } break;   \
+    default: { constexpr int D = kF32; __VA_ARGS__; } break;     \
+  }
+#define NEPTUNE_DISPATCH(t, ...)                           \
+  do {                                                     \
+    if ((t).state_dtype == kBF16) {                        \
+      constexpr int S = kBF16;                             \
+      NEPTUNE_DISPATCH_D(t, __VA_ARGS__)                   \
+    } else {                                               \
+      constexpr int S = kF32;                              \
+      NEPTUNE_DISPATCH_D(t, __VA_ARGS__)                   \
+    }                                                      \
+  } while (0)
 
 __device__ __forceinline__ bool skip_step(const StepArgs& a) { return a.found_inf != nullptr && *a.found_inf != 0.f; }
 
@@ -343,17 +406,9 @@ __global__ void __launch_bounds__(kThreads, 3) neptune_main_kernel(const StepArg
     const StepConsts c = tensor_consts(a, t);
     const int64_t n = w0.elem_end - w0.elem_begin;
     if (w0.kind == kBlockUnit) {
-      switch (t.dtype) {
-        case kBF16: unit_step<kBF16, true>(t, c, w0.elem_begin, n, threadIdx.x); break;
-        case kF16: unit_step<kF16, true>(t, c, w0.elem_begin, n, threadIdx.x); break;
-        default: unit_step<kF32, true>(t, c, w0.elem_begin, n, threadIdx.x); break;
-      }
+      NEPTUNE_DISPATCH(t, unit_step<D, S, true>(t, c, w0.elem_begin, n, threadIdx.x));
     } else {
-      switch (t.dtype) {
-        case kBF16: chunk_step<kBF16>(a, t, c, w0, chunk_role); break;
-        case kF16: chunk_step<kF16>(a, t, c, w0, chunk_role); break;
-        default: chunk_step<kF32>(a, t, c, w0, chunk_role); break;
-      }
+      NEPTUNE_DISPATCH(t, chunk_step<D, S>(a, t, c, w0, chunk_role));
     }
     return;
   }
@@ -366,11 +421,7 @@ __global__ void __launch_bounds__(kThreads, 3) neptune_main_kernel(const StepArg
   const DevTensor t = a.tensors[i];
   const StepConsts c = tensor_consts(a, t);
   const int64_t n = w.elem_end - w.elem_begin;
-  switch (t.dtype) {
-    case kBF16: unit_step<kBF16, false>(t, c, w.elem_begin, n, lane); break;
-    case kF16: unit_step<kF16, false>(t, c, w.elem_begin, n, lane); break;
-    default: unit_step<kF32, false>(t, c, w.elem_begin, n, lane); break;
-  }
+  NEPTUNE_DISPATCH(t, unit_step<D, S, false>(t, c, w.elem_begin, n, lane));
 }
 
 // A later role of every chunk: one block per chunk, over long space.
@@ -382,11 +433,7 @@ __global__ void __launch_bounds__(kThreads, 4) neptune_long_kernel(const StepArg
   if (!w.valid) return;
   const DevTensor t = a.tensors[i];
   const StepConsts c = tensor_consts(a, t);
-  switch (t.dtype) {
-    case kBF16: chunk_step<kBF16>(a, t, c, w, role); break;
-    case kF16: chunk_step<kF16>(a, t, c, w, role); break;
-    default: chunk_step<kF32>(a, t, c, w, role); break;
-  }
+  NEPTUNE_DISPATCH(t, chunk_step<D, S>(a, t, c, w, role));
 }
 
 // Last: every tensor's step counter (zero-size tensors included), unless found_inf.

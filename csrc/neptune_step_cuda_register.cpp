@@ -113,7 +113,7 @@ void neptune_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Ten
                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   // Validate everything before writing anything.
   check_hyper(h);
-  check_lists(params, grads, exp_avgs, exp_avg_sqs, steps, c10::DeviceType::CUDA);
+  check_lists(params, grads, exp_avgs, exp_avg_sqs, steps, c10::DeviceType::CUDA, /*allow_bf16_state=*/true);
   check_scalar_tensor(grad_scale, "grad_scale", c10::DeviceType::CUDA);
   check_scalar_tensor(found_inf, "found_inf", c10::DeviceType::CUDA);
   const int64_t n = (int64_t)params.size();
@@ -149,11 +149,12 @@ void neptune_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Ten
     const bool empty = numels[i] == 0;
     t.w = empty ? nullptr : params[i].data_ptr();
     t.g = empty ? nullptr : grads[i].data_ptr();
-    t.m = empty ? nullptr : exp_avgs[i].data_ptr<float>();
-    t.v = empty ? nullptr : exp_avg_sqs[i].data_ptr<float>();
+    t.m = empty ? nullptr : exp_avgs[i].data_ptr();
+    t.v = empty ? nullptr : exp_avg_sqs[i].data_ptr();
     t.step = steps[i].data_ptr<float>();
     t.plan = plan.tensors[i];
     t.dtype = param_dtype_code(params[i].scalar_type());
+    t.state_dtype = exp_avgs[i].scalar_type() == at::kBFloat16 ? kBF16 : kF32;  // exp_avg_sqs[i]'s too (checked)
     std::memcpy(&dt[i], &t, sizeof(t));
   }
   std::memcpy(host.data() + n * sizeof(DevTensor), plan.slot_begins.data(), n * sizeof(int64_t));

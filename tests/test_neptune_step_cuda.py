@@ -12,7 +12,7 @@ import torch
 
 import neptune_ext
 from neptune_ext import neptune_step_, neptune_step_reference_multi
-from neptune_inputs import assert_param_close, assert_state_close, clone_all, make_case, make_grads
+from neptune_inputs import assert_param_close, assert_state_close, clone_all, make_case, make_grads, ulp_diff
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -378,3 +378,120 @@ def test_tensor_over_2_31_elements(shape):
     assert float(s) == 1.0
     del p, g, m, v
     torch.cuda.empty_cache()
+
+
+# --- memory-lean variant: exp_avg / exp_avg_sq in bfloat16, stochastically rounded ---
+
+# Warp, block and chunked units (> 16384: 70000 and 200000), misaligned rows, zero-size.
+LEAN_SHAPES = [(), (1,), (7,), (0,), (1031,), (64, 3, 3, 3), (5, 1031), (3, 0, 2), (4, 5000), (2, 16385),
+               (3, 70000), (200000,), (33, 33)]
+
+
+def _lean(lists):
+    p, g, m, v, s = lists
+    return [p, g, [x.bfloat16() for x in m], [x.bfloat16() for x in v], s]
+
+
+def _assert_lean_state(actual, expected, what):
+    # Same float32 moment and the same random bits: the same bf16; one ulp apart where the
+    # two float32 moments differ in their last bits (more only for a moment near zero after
+    # cancellation, where an fp32 ulp of the clipped gradient is many bf16 ulps of the
+    # result: those must be close in absolute terms, as fp32 state would be).
+    assert actual.dtype == torch.bfloat16 and expected.dtype == torch.bfloat16, what
+    if actual.numel() == 0:
+        return
+    a, e = actual.cpu(), expected.cpu()
+    far = ulp_diff(a, e) > 1
+    if far.any():
+        scale = e.double().pow(2).mean().sqrt().item()
+        worst = (a[far].double() - e[far].double()).abs().max().item()
+        assert worst <= 1e-5 * scale + 1e-30 and far.float().mean() < 1e-3, f"{what}: {int(far.sum())} > 1 ulp"
+    assert (a == e).float().mean() > 0.99, "rounding bits differ: " + what
+
+
+def _assert_lean_close(dev_lists, ref_lists, what):
+    p, _, m, v, s = dev_lists
+    rp, _, rm, rv, rs = ref_lists
+    for i in range(len(p)):
+        shape = tuple(rp[i].shape)
+        assert_param_close(p[i].cpu(), rp[i].cpu(), f"{what} param {i} {shape}")
+        _assert_lean_state(m[i], rm[i], f"{what} exp_avg {i} {shape}")
+        _assert_lean_state(v[i], rv[i], f"{what} exp_avg_sq {i} {shape}")
+        assert torch.equal(s[i].cpu(), rs[i].cpu()), f"{what} step {i}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", [{}, {"cautious": False}, {"clip": 0.0}], ids=["default", "no-mask", "no-clip"])
+def test_bf16_state_matches_cpu_op_and_reference(dtype, variant):
+    h = dict(hyper(), **variant)
+    cpu = _lean(list(make_case(LEAN_SHAPES, dtype, seed=60, clip=h["clip"])))
+    ref = clone_all(cpu)
+    dev = to_dev(cpu)
+    gen = torch.Generator().manual_seed(61)
+    for k in range(3):
+        if k > 0:  # fresh edge-safe gradients; resync device and reference to the CPU op's state
+            cpu[1] = make_grads(cpu[0], [m.float() for m in cpu[2]], clip=h["clip"], generator=gen)
+            for d_list, r_list, c_list in zip(dev, ref, cpu):
+                for d, r, c in zip(d_list, r_list, c_list):
+                    d.copy_(c)
+                    r.copy_(c)
+        neptune_step_(*cpu, **h)
+        step_dev(dev, h)
+        neptune_step_reference_multi(*ref, **h)
+        _assert_lean_close(dev, cpu, f"step {k + 1} vs cpu op")
+        _assert_lean_close(dev, ref, f"step {k + 1} vs reference")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bf16_state_misaligned_views(dtype):
+    # Element offsets of (param, grad, exp_avg, exp_avg_sq): with bf16 state the 16-byte
+    # boundaries of the state fall every 8 elements, of fp32 params every 4.
+    h = hyper()
+    for offsets in [(1, 1, 1, 1), (4, 4, 4, 4), (0, 0, 4, 4), (4, 4, 0, 0), (0, 0, 1, 1)]:
+        cpu = _lean(list(make_case(LEAN_SHAPES, dtype, seed=62)))
+        dev = [[_offset_view(t, off) for t in lst] for lst, off in zip(cpu[:4], offsets)]
+        dev.append([s.to(DEV, copy=True) for s in cpu[4]])
+        step_dev(dev, h)
+        neptune_step_(*cpu, **h)
+        _assert_lean_close(dev, cpu, f"offsets {offsets}")
+
+
+def test_bf16_state_row_shards_round_like_the_whole_tensor():
+    # The rounding bits follow the index within the unit: rows [0:4] stepped alone, and the
+    # rows after them, give the whole tensor's results bitwise (warp, block, chunked units).
+    h = hyper()
+    for dtype in DTYPES:
+        P, G, M, V, S = to_dev(_lean(list(make_case([(10, 3, 3), (9, 17), (6, 5000), (5, 20000)], dtype, seed=63))))
+        whole = clone_all([P, G, M, V, S])
+        step_dev(whole, h)
+        for i in range(len(P)):
+            for rows in (slice(0, 4), slice(4, None)):
+                shard = [[x[i][rows].clone()] for x in (P, G, M, V)] + [[S[i].clone()]]
+                step_dev(shard, h)
+                for k in (0, 2, 3):
+                    assert torch.equal(shard[k][0], whole[k][i][rows]), (dtype, i, rows, k)
+
+
+def test_bf16_state_bitwise_reproducible_and_mixed_with_fp32_state():
+    # Two runs agree bitwise; lean and fp32-state tensors of all dtypes in one call.
+    h = hyper()
+    cases = [make_case(LEAN_SHAPES, dt, seed=64 + k) for k, dt in enumerate(DTYPES)]
+    base = [[c[j][i] for i in range(len(LEAN_SHAPES)) for c in cases] for j in range(5)]
+    for j in (2, 3):  # every other tensor lean
+        base[j] = [x.bfloat16() if i % 2 == 0 else x for i, x in enumerate(base[j])]
+    outs = []
+    for _ in range(2):
+        dev = to_dev(clone_all(base))
+        for _ in range(2):
+            step_dev(dev, h)
+        outs.append(dev)
+    for a_list, b_list in zip(outs[0], outs[1]):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
+    cpu = clone_all(base)
+    neptune_step_(*cpu, **h)
+    neptune_step_(*cpu, **h)
+    for i in range(len(base[0])):
+        if i % 2 == 0:
+            _assert_lean_state(outs[0][2][i], cpu[2][i], f"exp_avg {i}")
+            _assert_lean_state(outs[0][3][i], cpu[3][i], f"exp_avg_sq {i}")
