@@ -216,9 +216,6 @@ def available_contenders(device: str, wanted: list[str]) -> tuple[list[str], lis
             except Exception as e:  # not installed or its op cannot build: skipped
                 notes.append(f"deepspeed-cpu-adam: skipped, deepspeed not importable ({type(e).__name__})")
                 continue
-        if c == "neptune-op-bf16state" and device != "cpu":
-            notes.append(f"{c}: CPU only for now (the CUDA operator takes fp32 state)")
-            continue
         if c in ("neptune-op", "neptune-op-bf16state", "neptune-optimizer") and not neptune_ext.has_kernel(device):
             notes.append(f"{c}: skipped, no compiled Neptune kernel for {device} ({neptune_ext.ops.describe_build()})")
             continue

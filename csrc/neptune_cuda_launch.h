@@ -48,6 +48,9 @@ struct StepArgs {
   float* norm_partials;    // 2 per chunk block (w_sq, g_sq), when chunked units need clipping
   unsigned long long* count_partials;  // 2 per chunk block (agree, active), when cautious
   int32_t cautious, maximize;
+  // Some tensor has bf16 state: launch the kernels built for it. The fp32-state-only
+  // kernels are separate instances, so the bf16 paths cost them no registers.
+  int32_t lean;
 };
 
 // Copy `bytes` host bytes to device memory `dst` through kernel arguments, in stream order

@@ -15,7 +15,8 @@
 
 namespace neptune {
 
-// Param (and grad) storage types; state is always float32.
+// Storage types of params and grads (and of the state: float32, or bfloat16 in the
+// memory-lean variant).
 enum ParamDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // Floors from the spec.

@@ -381,11 +381,17 @@ __device__ __forceinline__ void chunk_step(const StepArgs& a, const DevTensor& t
     case kF16: { constexpr int D = kF16; __VA_ARGS__; } break;   \
     default: { constexpr int D = kF32; __VA_ARGS__; } break;     \
   }
+// In kernels with LEAN false (no tensor has bf16 state) the bf16-state paths are not
+// instantiated at all, so they cannot raise the kernel's register use.
 #define NEPTUNE_DISPATCH(t, ...)                           \
   do {                                                     \
-    if ((t).state_dtype == kBF16) {                        \
-      constexpr int S = kBF16;                             \
-      NEPTUNE_DISPATCH_D(t, __VA_ARGS__)                   \
+    bool lean_state_ = false;                              \
+    if constexpr (LEAN) lean_state_ = (t).state_dtype == kBF16; \
+    if (lean_state_) {                                     \
+      if constexpr (LEAN) {                                \
+        constexpr int S = kBF16;                           \
+        NEPTUNE_DISPATCH_D(t, __VA_ARGS__)                 \
+      }                                                    \
     } else {                                               \
       constexpr int S = kF32;                              \
       NEPTUNE_DISPATCH_D(t, __VA_ARGS__)                   \
@@ -396,6 +402,7 @@ __device__ __forceinline__ bool skip_step(const StepArgs& a) { return a.found_in
 
 // The main launch: warp units (several per block, of any tensors), block units, and the
 // first role of every chunk.
+template <bool LEAN>
 __global__ void __launch_bounds__(kThreads, 3) neptune_main_kernel(const StepArgs a, int32_t chunk_role) {
   if (skip_step(a)) return;
   const int64_t s0 = (int64_t)blockIdx.x * kWarpsPerBlock;
@@ -425,6 +432,7 @@ __global__ void __launch_bounds__(kThreads, 3) neptune_main_kernel(const StepArg
 }
 
 // A later role of every chunk: one block per chunk, over long space.
+template <bool LEAN>
 __global__ void __launch_bounds__(kThreads, 4) neptune_long_kernel(const StepArgs a, int32_t role) {
   if (skip_step(a)) return;
   const int64_t lb = blockIdx.x;
@@ -485,8 +493,18 @@ cudaError_t neptune_cuda_step(const StepArgs& args, int64_t main_blocks, int64_t
     if (seq[k].blocks > INT_MAX) return cudaErrorInvalidConfiguration;
     const unsigned grid = (unsigned)seq[k].blocks;
     switch (seq[k].kind) {
-      case kLaunchMain: neptune_main_kernel<<<grid, kThreads, 0, stream>>>(args, seq[k].role); break;
-      case kLaunchLong: neptune_long_kernel<<<grid, kThreads, 0, stream>>>(args, seq[k].role); break;
+      case kLaunchMain:
+        if (args.lean)
+          neptune_main_kernel<true><<<grid, kThreads, 0, stream>>>(args, seq[k].role);
+        else
+          neptune_main_kernel<false><<<grid, kThreads, 0, stream>>>(args, seq[k].role);
+        break;
+      case kLaunchLong:
+        if (args.lean)
+          neptune_long_kernel<true><<<grid, kThreads, 0, stream>>>(args, seq[k].role);
+        else
+          neptune_long_kernel<false><<<grid, kThreads, 0, stream>>>(args, seq[k].role);
+        break;
       default: neptune_steps_kernel<<<grid, kStepsThreads, 0, stream>>>(args); break;
     }
     const cudaError_t err = cudaGetLastError();

@@ -143,6 +143,7 @@ void neptune_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Ten
   // The table: DevTensor[n], then slot_begins[n], then long_begins[n].
   std::vector<unsigned char> host((size_t)table_bytes(n));
   DevTensor* dt = reinterpret_cast<DevTensor*>(host.data());
+  bool lean = false;
   for (int64_t i = 0; i < n; ++i) {
     DevTensor t;
     std::memset(&t, 0, sizeof(t));
@@ -155,6 +156,7 @@ void neptune_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Ten
     t.plan = plan.tensors[i];
     t.dtype = param_dtype_code(params[i].scalar_type());
     t.state_dtype = exp_avgs[i].scalar_type() == at::kBFloat16 ? kBF16 : kF32;  // exp_avg_sqs[i]'s too (checked)
+    lean = lean || t.state_dtype == kBF16;
     std::memcpy(&dt[i], &t, sizeof(t));
   }
   std::memcpy(host.data() + n * sizeof(DevTensor), plan.slot_begins.data(), n * sizeof(int64_t));
@@ -184,6 +186,7 @@ void neptune_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Ten
   a.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   a.cautious = h.cautious ? 1 : 0;
   a.maximize = h.maximize ? 1 : 0;
+  a.lean = lean ? 1 : 0;
 
   // Partials of chunked units; freed in stream order after the launches below.
   at::Tensor norm_partials, count_partials;

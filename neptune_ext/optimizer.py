@@ -93,7 +93,7 @@ class Neptune(Optimizer):
         state_dtype: ``torch.float32`` (the spec) or ``torch.bfloat16``: the memory-lean
             variant keeps ``exp_avg`` / ``exp_avg_sq`` in bfloat16, halving optimizer
             memory; the arithmetic stays float32 and the state is stochastically rounded
-            with deterministic random bits. CPU operator and reference only for now.
+            with deterministic random bits (reference, CPU and CUDA operators).
 
     Distributed: DDP and ``ZeroRedundancyOptimizer(optimizer_class=Neptune)`` work as they
     do for AdamW. With FSDP2 (``fully_shard``, DTensor params) the operator steps the local

@@ -1,5 +1,6 @@
 """The memory-lean variant: exp_avg / exp_avg_sq in bfloat16 with deterministic
-stochastic rounding (reference and CPU operator; the CUDA operator rejects it for now)."""
+stochastic rounding (reference and CPU operator here; the CUDA operator's own tests are
+in test_neptune_step_cuda.py)."""
 import io
 
 import pytest
