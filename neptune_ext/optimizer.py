@@ -161,35 +161,37 @@ class Neptune(Optimizer):
         return value is a constant), which torch.compile special-cases so that this loop
         is not traced at every step.
         """
+        # Per param and step this loop costs about 1 us (10,000 params: 10 ms): cheap checks
+        # first. Autograd and the .grad setter already keep grads to the param's dtype,
+        # device and shape.
+        reference = group["implementation"] == "reference"
+        sdt = _STATE_DTYPES[group["state_dtype"]]
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse or p.grad.layout != torch.strided:
+            if grad.layout is not torch.strided:
                 raise RuntimeError("Neptune does not support sparse gradients (use dense gradients, e.g. sparse=False in nn.Embedding)")
-            if p.grad.dtype != p.dtype or p.grad.device != p.device or p.grad.shape != p.shape:
-                raise RuntimeError(
-                    f"Neptune: a gradient must match its param's dtype, device and shape; got {p.grad.dtype} "
-                    f"{p.grad.device} {tuple(p.grad.shape)} for a {p.dtype} {p.device} {tuple(p.shape)} param"
-                )
-            if torch.is_complex(p):
-                raise RuntimeError("Neptune does not support complex parameters (view them as real with torch.view_as_real)")
-            if p.dtype not in SUPPORTED_DTYPES and group["implementation"] != "reference":
-                raise TypeError(
-                    f"Neptune supports float32, bfloat16 and float16 params, got {p.dtype}; "
-                    "use implementation='reference' for other dtypes"
-                )
+            dtype = p.dtype
+            if dtype not in SUPPORTED_DTYPES:
+                if dtype.is_complex:
+                    raise RuntimeError("Neptune does not support complex parameters (view them as real with torch.view_as_real)")
+                if not reference:
+                    raise TypeError(
+                        f"Neptune supports float32, bfloat16 and float16 params, got {dtype}; "
+                        "use implementation='reference' for other dtypes"
+                    )
             state = self.state[p]
+            contiguous = p.is_contiguous()
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                sdt = _STATE_DTYPES[group["state_dtype"]]
                 state["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
-            elif state["exp_avg"].stride() != p.stride():  # e.g. model.to(memory_format=...)
-                for key in ("exp_avg", "exp_avg_sq"):
+            elif not (contiguous and state["exp_avg"].is_contiguous()) and state["exp_avg"].stride() != p.stride():
+                for key in ("exp_avg", "exp_avg_sq"):  # e.g. after model.to(memory_format=...)
                     state[key] = _like_param(p, state[key])
-            grad = p.grad
-            if grad.stride() != p.stride():  # the operator walks all four tensors alike
-                grad = _like_param(p, grad)
+            if not (contiguous and grad.is_contiguous()) and grad.stride() != p.stride():
+                grad = _like_param(p, grad)  # the operator walks all four tensors alike
             params.append(p)
             grads.append(grad)
             exp_avgs.append(state["exp_avg"])
@@ -270,13 +272,7 @@ class Neptune(Optimizer):
                 cautious=group["cautious"], maximize=group["maximize"],
             )
             local, gathered = _split_dtensors(lists)
-            grouped = Optimizer._group_tensors_by_device_and_dtype(local) if local[0] else {}
-            buckets = []
-            for (device, _dtype), (tensors, _) in grouped.items():
-                if device is None:  # torch.compile skips the grouping (one device assumed)
-                    device = tensors[0][0].device
-                buckets.append((device, tensors))
-            steppers.append((group, hyper, buckets, gathered))
+            steppers.append((group, hyper, _buckets_by_device(local), gathered))
         # Kernel availability (which may raise) before anything is written.
         for group, _, buckets, gathered in steppers:
             for device, _ in buckets:
@@ -322,6 +318,25 @@ class Neptune(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.device.type != "cuda":
                     raise RuntimeError(f"Neptune: CUDA graph capture needs CUDA params, got one on {p.device}")
+
+
+def _buckets_by_device(lists) -> list:
+    """[(device, lists)]: one operator call per device. The operator takes mixed param
+    dtypes in one list, so one device needs no grouping at all, and the common
+    single-device case skips torch's grouping (17 ms for 10,000 params)."""
+    params = lists[0]
+    if not params:
+        return []
+    if not torch.compiler.is_compiling():
+        device = params[0].device
+        if all(p.device == device for p in params):
+            return [(device, lists)]
+    buckets = []
+    for (device, _dtype), (tensors, _) in Optimizer._group_tensors_by_device_and_dtype(lists).items():
+        if device is None:  # torch.compile skips the grouping (one device assumed)
+            device = tensors[0][0].device
+        buckets.append((device, tensors))
+    return buckets
 
 
 def _like_param(p: Tensor, value: Tensor, dtype: torch.dtype | None = None) -> Tensor:
