@@ -257,13 +257,10 @@ class Neptune(Optimizer):
         found_inf = getattr(self, "found_inf", None)
 
         # Collect (and validate) every group before anything is written.
-        collected = []
+        steppers = []
         for group in self.param_groups:
             lists: tuple[list, ...] = ([], [], [], [], [])
             self._init_group(group, *lists)
-            collected.append((group, lists))
-        steppers = []
-        for group, lists in collected:
             if not lists[0]:
                 continue
             hyper = dict(
@@ -280,13 +277,15 @@ class Neptune(Optimizer):
         for group, hyper, buckets, gathered in steppers:
             inf = found_inf
             if group["skip_nonfinite"]:
-                inf = _nonfinite_flags(buckets, found_inf)
+                grads = [(device, tensors[1]) for device, tensors in buckets]
+                grads += [(item[1].device, [item[1].to_local()]) for item in gathered]
+                inf = _nonfinite_flags(grads, found_inf)
             for device, tensors in buckets:
                 self._step_tensors(group, device, tensors, hyper, grad_scale, inf)
             for item in gathered:  # DTensors whose units span ranks: step them whole
                 full = [t.full_tensor() for t in item[:4]]
                 self._step_tensors(group, full[0].device, [[t] for t in full] + [[item[4]]], hyper,
-                                   grad_scale, found_inf)
+                                   grad_scale, inf)
                 for dst, src in ((item[0], full[0]), (item[2], full[2]), (item[3], full[3])):
                     dst.to_local().copy_(_local_shard_of(src, dst))
         return loss
@@ -344,16 +343,16 @@ def _like_param(p: Tensor, value: Tensor, dtype: torch.dtype | None = None) -> T
     return torch.empty_like(p, dtype=dtype or value.dtype).copy_(value)
 
 
-def _nonfinite_flags(buckets, found_inf):
-    """One flag for the whole group (on each of its devices): > 0 when any gradient of
-    the group holds an inf or NaN, or when the GradScaler's found_inf is set. Per rank:
-    under FSDP2 each rank sees its own gradient shards."""
+def _nonfinite_flags(grads_by_device, found_inf):
+    """One flag for the whole group: > 0 when any of its gradients ([(device, grads)])
+    holds an inf or NaN, or when the GradScaler's found_inf is set. Per rank: under FSDP2
+    each rank sees its own gradient shards."""
     flags = {}
-    for device, tensors in buckets:
+    for device, grads in grads_by_device:
         flag = flags.setdefault(device, torch.zeros(1, dtype=torch.float32, device=device))
         # Only checks here (an inverse scale of 1 leaves the grads as they are).
         torch._amp_foreach_non_finite_check_and_unscale_(
-            list(tensors[1]), flag, torch.ones(1, dtype=torch.float32, device=device)
+            list(grads), flag, torch.ones(1, dtype=torch.float32, device=device)
         )
     total = sum(f.to(next(iter(flags)), non_blocking=True) for f in flags.values())
     if found_inf is not None:

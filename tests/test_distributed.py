@@ -101,3 +101,38 @@ def test_matches_single_process(mode, tmp_path):
     for g, w, s in zip(got, want, start.parameters()):
         assert not torch.equal(w, s.detach()), "training must move every param"
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _skip_worker(rank, init_file, out_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = _model()
+        mesh = init_device_mesh("cpu", (WORLD,))
+        fully_shard(model, mesh=mesh)
+        opt = Neptune(model.parameters(), skip_nonfinite=True, **HYPER)
+        x, y = _batches()[0]
+        nn.functional.cross_entropy(model(x), y).backward()
+        # Every rank puts a NaN in its shard of a 1-D param's gradient: such a param is
+        # gathered and stepped whole, outside the per-device buckets, and must be skipped too.
+        model[0].bias.grad.to_local()[0] = float("nan")
+        before = [p.full_tensor().clone() for p in model.parameters()]
+        opt.step()
+        after = [p.full_tensor() for p in model.parameters()]
+        torch.save([torch.equal(a, b) for a, b in zip(before, after)], f"{out_file}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_fsdp2_skip_nonfinite_covers_gathered_params(tmp_path):
+    if not neptune_ext.has_kernel("cpu"):
+        pytest.skip("CPU extension not built")
+    out_file = tmp_path / "unchanged.pt"
+    mp.spawn(_skip_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        assert all(torch.load(f"{out_file}.{rank}", weights_only=True)), f"rank {rank} stepped a param"
