@@ -114,6 +114,7 @@ inline StepConsts step_consts(const Hyper& h, double t, float gmul) {
   c.bc2 = (float)(1.0 - std::pow(h.beta2, t));
   c.eps = (float)h.eps;
   c.lr = (float)h.lr;
+  fold_bias_corrections(c, h.lr, h.eps, 1.0 - std::pow(h.beta1, t), 1.0 - std::pow(h.beta2, t));
   c.decay = (float)(1.0 - h.lr * h.weight_decay);
   c.gmul = gmul;
   c.clip = (float)h.clip;

@@ -4,6 +4,9 @@
 #pragma once
 
 #include <stdint.h>
+#if !defined(__CUDACC__)
+#include <math.h>
+#endif
 
 #if defined(__CUDACC__)
 #define NEPTUNE_HD __host__ __device__ __forceinline__
@@ -34,6 +37,14 @@ struct StepConsts {
   float bc1, bc2;        // 1 - beta^t
   float eps;
   float lr;
+  // The Adam direction with the bias corrections folded into two constants, as torch's
+  // AdamW does: lr * (M / bc1) / (sqrt(V / bc2) + eps)
+  //       == (M * step_size) / (sqrt(V) + eps_hat), step_size = lr * sqrt(bc2) / bc1,
+  //                                                  eps_hat = eps * sqrt(bc2).
+  // Two multiplies per element fewer; a few ulp from the spec's literal form, well inside
+  // its tolerance. Both computed in double by fold_bias_corrections.
+  float step_size;
+  float eps_hat;
   float decay;           // 1 - lr * weight_decay
   float gmul;            // -1 if maximize, times 1/grad_scale
   float clip;            // 0 turns clipping off
@@ -57,11 +68,13 @@ NEPTUNE_HD void update_moments(float g, float& m, float& v, const StepConsts& c)
   v = c.beta2 * v + c.one_minus_beta2 * g * g;
 }
 
-// 2. Adam direction from the updated moments. The bias corrections are applied as
-// reciprocals (hoisted out of loops: one division per element instead of three); this
-// differs from the spec's literal divisions by an ulp or two, well inside the tolerance.
-NEPTUNE_HD float adam_direction(float m, float v, const StepConsts& c) {
-  return (m * (1.f / c.bc1)) / (NEPTUNE_SQRTF(v * (1.f / c.bc2)) + c.eps);
+// Per-tensor: step_size and eps_hat from lr, eps and the bias corrections 1 - beta^t (in
+// double, so host and device agree to the float rounding).
+NEPTUNE_HD void fold_bias_corrections(StepConsts& c, double lr, double eps, double bc1, double bc2) {
+  const double r = sqrt(bc2);
+  c.step_size = (float)(lr * r / bc1);
+  const float e = (float)(eps * r);
+  c.eps_hat = e > 0.f ? e : 0x1p-149f;  // eps > 0 must keep 0 / (0 + eps_hat) at 0
 }
 
 // 3. cautious mask: momentum agrees with this gradient / the element got a gradient.
@@ -75,21 +88,30 @@ NEPTUNE_HD float rho_floor(int64_t n_agree, int64_t n_active, int cautious) {
   return fmax_(rho, kRhoFloor);
 }
 
-// 4. decoupled weight decay, then the (masked, renormalised) step; lr / rho is per unit.
-NEPTUNE_HD float new_weight(float w, float u, int keep, float rho, const StepConsts& c) {
-  const float decayed = w * c.decay;
-  return keep ? decayed - (c.lr / rho) * u : decayed;
+// 2-4. The unit's step size: lr / rho with the bias corrections folded in (rho is 1 when
+// the mask is off). Computed once per unit.
+NEPTUNE_HD float unit_step_size(const StepConsts& c, float rho) { return c.step_size / rho; }
+
+// 2. lr / rho times the Adam direction, from the updated moments: one sqrt, one division.
+NEPTUNE_HD float adam_delta(float m, float v, float step, const StepConsts& c) {
+  return (m * step) / (NEPTUNE_SQRTF(v) + c.eps_hat);
 }
 
-// Whole element, for a unit whose clip factor s and rho are known: g is the raw
-// gradient value (already converted to float). Updates m, v; returns the new weight.
-NEPTUNE_HD float element_step(float w, float graw, float& m, float& v, float s, float rho,
+// 4. decoupled weight decay, then the (masked, renormalised) step.
+NEPTUNE_HD float new_weight(float w, float delta, int keep, const StepConsts& c) {
+  const float decayed = w * c.decay;
+  return keep ? decayed - delta : decayed;
+}
+
+// Whole element, for a unit whose clip factor s and step size (unit_step_size) are known:
+// g is the raw gradient value (already converted to float). Updates m, v; returns the new weight.
+NEPTUNE_HD float element_step(float w, float graw, float& m, float& v, float s, float step,
                               const StepConsts& c) {
   const float g = grad_in(graw, c) * s;
   update_moments(g, m, v, c);
-  const float u = adam_direction(m, v, c);
+  const float delta = adam_delta(m, v, step, c);
   const int keep = c.cautious ? agrees(m, g) : 1;
-  return new_weight(w, u, keep, rho, c);
+  return new_weight(w, delta, keep, c);
 }
 
 // Memory-lean variant: exp_avg / exp_avg_sq stored as bfloat16 with stochastic rounding

@@ -27,7 +27,7 @@ bool cpu_has_avx512() {
 }
 bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-         __builtin_cpu_supports("bmi2");
+         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
 }
 #else
 bool cpu_has_avx512() { return false; }

@@ -3,7 +3,7 @@
 #include "neptune_step_cpu.h"
 #if defined(__x86_64__)
 #include <immintrin.h>
-#pragma GCC target("avx2,fma,f16c,bmi2")
+#pragma GCC target("avx2,fma,f16c,bmi2,popcnt")
 #define NEPTUNE_CPU_ISA avx2
 #define NEPTUNE_CPU_ISA_NAME "avx2"
 #define NEPTUNE_CPU_WIDTH 8

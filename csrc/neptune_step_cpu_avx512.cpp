@@ -3,7 +3,7 @@
 #include "neptune_step_cpu.h"
 #if defined(__x86_64__)
 #include <immintrin.h>
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2,prefer-vector-width=512")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2,popcnt,prefer-vector-width=512")
 #define NEPTUNE_CPU_ISA avx512
 #define NEPTUNE_CPU_ISA_NAME "avx512"
 #define NEPTUNE_CPU_WIDTH 16

@@ -176,6 +176,39 @@ inline vf vsqrt(vf x) {
 #endif
 }
 
+// Lane counts of x > 0 (ordered: NaN is not) and x != 0 (unordered: NaN is), as the
+// scalar agrees() / active() count them. AVX-512 and AVX2 compare into a bit mask and
+// popcount it on the integer units, leaving the vector units to the arithmetic.
+#if NEPTUNE_CPU_WIDTH == 4 && defined(__x86_64__)
+constexpr int kPopcount4[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};  // SSE2 has no popcnt
+#endif
+inline int count_gt0(vf x) {
+#if NEPTUNE_CPU_WIDTH == 16
+  return __builtin_popcount(_mm512_cmp_ps_mask((__m512)x, _mm512_setzero_ps(), _CMP_GT_OQ));
+#elif NEPTUNE_CPU_WIDTH == 8
+  return __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps((__m256)x, _mm256_setzero_ps(), _CMP_GT_OQ)));
+#elif defined(__x86_64__)
+  return kPopcount4[_mm_movemask_ps(_mm_cmpgt_ps((__m128)x, _mm_setzero_ps()))];
+#else
+  int n = 0;
+  for (int j = 0; j < kWidth; ++j) n += x[j] > 0.f;
+  return n;
+#endif
+}
+inline int count_ne0(vf x) {
+#if NEPTUNE_CPU_WIDTH == 16
+  return __builtin_popcount(_mm512_cmp_ps_mask((__m512)x, _mm512_setzero_ps(), _CMP_NEQ_UQ));
+#elif NEPTUNE_CPU_WIDTH == 8
+  return __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps((__m256)x, _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+#elif defined(__x86_64__)
+  return kPopcount4[_mm_movemask_ps(_mm_cmpneq_ps((__m128)x, _mm_setzero_ps()))];
+#else
+  int n = 0;
+  for (int j = 0; j < kWidth; ++j) n += x[j] != 0.f;
+  return n;
+#endif
+}
+
 // exp_avg / exp_avg_sq storage: float32, or bfloat16 with deterministic stochastic
 // rounding (neptune_math.h's sr_bits / bf16_round_stochastic, vectorized here bit for bit).
 template <int S> struct State;
@@ -265,8 +298,9 @@ struct Prefetcher {
 // Squared norms of W and of the rule's gradient over [b, e). With COUNT, also the
 // agreement counts for a clip factor of exactly 1 (g * 1 == g, so they are bitwise what
 // counts_t would give with s = 1): when the unit turns out unclipped, the counts pass is
-// saved. `counts` = {n_agree, n_active}, added to.
-template <int D, int S, int COUNT>
+// saved. `counts` = {n_agree, n_active}, added to. UNIT_G: gmul == 1, so g * gmul == g and
+// the multiply is skipped (bitwise the same).
+template <int D, int S, int COUNT, int UNIT_G>
 void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g_sq, int64_t* counts,
              Prefetcher& pf) {
   using E = Elem<D>;
@@ -277,26 +311,25 @@ void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g
   const StepConsts c = a.c;
   const float gmul = c.gmul;
   vf aw[kRegs] = {}, ag[kRegs] = {};
-  vi ca = {}, cb = {};
+  int64_t sa = 0, sb = 0;
   int64_t i = b;
   for (; i + kLanes <= e; i += kLanes) {
     pf.advance(i - b);
     for (int r = 0; r < kRegs; ++r) {
       const vf x = VLoad<D>::load(w + i + r * kWidth);
-      const vf y = VLoad<D>::load(g + i + r * kWidth) * gmul;
+      const vf y = UNIT_G ? VLoad<D>::load(g + i + r * kWidth) : VLoad<D>::load(g + i + r * kWidth) * gmul;
       aw[r] += x * x;
       ag[r] += y * y;
       if (COUNT) {
         const vf m = c.beta1 * St::vload(mp + i + r * kWidth) + c.one_minus_beta1 * y;
-        ca -= (m * y > 0.f);  // comparisons give -1 for true
-        cb -= (y != 0.f);
+        sa += count_gt0(m * y);
+        sb += count_ne0(y);
       }
     }
   }
   float lw[kLanes], lg[kLanes];
   __builtin_memcpy(lw, aw, sizeof(lw));
   __builtin_memcpy(lg, ag, sizeof(lg));
-  int64_t sa = 0, sb = 0;
   for (int j = 0; i < e; ++i, ++j) {
     const float x = E::load(w[i]);
     const float y = E::load(g[i]) * gmul;
@@ -311,17 +344,13 @@ void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g
   *w_sq = lane_sum(lw);
   *g_sq = lane_sum(lg);
   if (COUNT) {
-    for (int j = 0; j < kWidth; ++j) {
-      sa += ca[j];
-      sb += cb[j];
-    }
     counts[0] += sa;
     counts[1] += sb;
   }
   pf.flush();
 }
 
-// Agreement and activity counts over [b, e) (e - b < 2^31), without writing anything:
+// Agreement and activity counts over [b, e) for clip factor s, without writing anything:
 // the moment is recomputed exactly as the update pass will compute it.
 template <int D, int S>
 void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_agree,
@@ -331,19 +360,14 @@ void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_
   const typename E::T* __restrict gp = static_cast<const typename E::T*>(a.g);
   const typename St::T* __restrict mp = static_cast<const typename St::T*>(a.m);
   const StepConsts c = a.c;
-  vi ca = {}, cb = {};
+  int64_t sa = 0, sb = 0;
   int64_t i = b;
   for (; i + kWidth <= e; i += kWidth) {
     pf.advance(i - b);
     const vf g = (VLoad<D>::load(gp + i) * c.gmul) * s;
     const vf m = c.beta1 * St::vload(mp + i) + c.one_minus_beta1 * g;
-    ca -= (m * g > 0.f);  // comparisons give -1 for true
-    cb -= (g != 0.f);
-  }
-  int64_t sa = 0, sb = 0;
-  for (int j = 0; j < kWidth; ++j) {
-    sa += ca[j];
-    sb += cb[j];
+    sa += count_gt0(m * g);
+    sb += count_ne0(g);
   }
   for (; i < e; ++i) {
     const float g = grad_in(E::load(gp[i]), c) * s;
@@ -358,7 +382,8 @@ void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_
 
 // The streaming pass: read W, G, M, V once, write W, M, V once. The vector body is the
 // same arithmetic as neptune_math.h's element_step (used for the tail), op for op.
-template <int D, int S, int CAUTIOUS>
+// UNIT_G: gmul == 1 and s == 1, so the gradient is used as stored (bitwise the same).
+template <int D, int S, int CAUTIOUS, int UNIT_G>
 void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, Prefetcher& pf) {
   using E = Elem<D>;
   using St = State<S>;
@@ -366,34 +391,34 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, 
   const typename E::T* __restrict gp = static_cast<const typename E::T*>(a.g);
   typename St::T* __restrict mp = static_cast<typename St::T*>(a.m);
   typename St::T* __restrict vp = static_cast<typename St::T*>(a.v);
-  const uint32_t step = a.sr_step;
+  const uint32_t sr = a.sr_step;
   // Stochastic-rounding bits are keyed by the index within the unit, so a row shard
   // stepped alone rounds exactly as the whole tensor does (spec property 5).
   const int64_t ubase = b - b % a.unit_len;
   StepConsts c = a.c;
   c.cautious = CAUTIOUS;
-  const float inv_bc1 = 1.f / c.bc1, inv_bc2 = 1.f / c.bc2, lr_rho = c.lr / rho;
+  const float step = unit_step_size(c, rho);
   int64_t i = b;
   for (; i + kWidth <= e; i += kWidth) {
     pf.advance(i - b);
-    const vf g = (VLoad<D>::load(gp + i) * c.gmul) * s;
+    const vf g = UNIT_G ? VLoad<D>::load(gp + i) : (VLoad<D>::load(gp + i) * c.gmul) * s;
     vf m = St::vload(mp + i);
     vf v = St::vload(vp + i);
     m = c.beta1 * m + c.one_minus_beta1 * g;
     v = c.beta2 * v + c.one_minus_beta2 * g * g;
-    const vf u = (m * inv_bc1) / (vsqrt(v * inv_bc2) + c.eps);
+    const vf delta = (m * step) / (vsqrt(v) + c.eps_hat);
     const vf decayed = VLoad<D>::load(wp + i) * c.decay;
-    vf w = decayed - lr_rho * u;
+    vf w = decayed - delta;
     if (CAUTIOUS) w = (vf)select((vu)(m * g > 0.f), (vu)w, (vu)decayed);
-    St::vstore(mp + i, i - ubase, m, step, 0);
-    St::vstore(vp + i, i - ubase, v, step, 1);
+    St::vstore(mp + i, i - ubase, m, sr, 0);
+    St::vstore(vp + i, i - ubase, v, sr, 1);
     VStore<D>::store(wp + i, w);
   }
   for (; i < e; ++i) {
     float m = St::load(mp + i), v = St::load(vp + i);
-    const float w = element_step(E::load(wp[i]), E::load(gp[i]), m, v, s, rho, c);
-    St::store(mp + i, i - ubase, m, step, 0);
-    St::store(vp + i, i - ubase, v, step, 1);
+    const float w = element_step(E::load(wp[i]), E::load(gp[i]), m, v, s, step, c);
+    St::store(mp + i, i - ubase, m, sr, 0);
+    St::store(vp + i, i - ubase, v, sr, 1);
     wp[i] = E::store(w);
   }
   pf.flush();
@@ -401,10 +426,20 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, 
 
 template <int D, int S>
 void update_d(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, Prefetcher& pf) {
+  const bool unit_g = a.c.gmul == 1.f && s == 1.f;
   if (a.c.cautious)
-    update_t<D, S, 1>(a, b, e, s, rho, pf);
+    unit_g ? update_t<D, S, 1, 1>(a, b, e, s, rho, pf) : update_t<D, S, 1, 0>(a, b, e, s, rho, pf);
   else
-    update_t<D, S, 0>(a, b, e, s, rho, pf);
+    unit_g ? update_t<D, S, 0, 1>(a, b, e, s, rho, pf) : update_t<D, S, 0, 0>(a, b, e, s, rho, pf);
+}
+
+template <int D, int S, int COUNT>
+void norms_d(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g_sq, int64_t* counts,
+             Prefetcher& pf) {
+  if (a.c.gmul == 1.f)
+    norms_t<D, S, COUNT, 1>(a, b, e, w_sq, g_sq, counts, pf);
+  else
+    norms_t<D, S, COUNT, 0>(a, b, e, w_sq, g_sq, counts, pf);
 }
 
 // Whole units, each stepped while its data is in cache: norms, counts, update, while
@@ -432,9 +467,9 @@ void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs
       float w_sq, g_sq;
       pf.slice(k++, passes, L);
       if (cautious) {
-        norms_t<D, S, 1>(a, b, e, &w_sq, &g_sq, counts, pf);
+        norms_d<D, S, 1>(a, b, e, &w_sq, &g_sq, counts, pf);
       } else {
-        norms_t<D, S, 0>(a, b, e, &w_sq, &g_sq, counts, pf);
+        norms_d<D, S, 0>(a, b, e, &w_sq, &g_sq, counts, pf);
       }
       s = clip_factor(w_sq, g_sq, a.c.clip);
       counted = s == 1.f;
@@ -469,9 +504,9 @@ void norms_plain(const CpuTensorArgs& t, int64_t b, int64_t e, float* w_sq, floa
   Prefetcher none;  // long units stream by themselves
   int64_t unused[2];
   if (counts != nullptr)
-    norms_t<D, S, 1>(t, b, e, w_sq, g_sq, counts, none);
+    norms_d<D, S, 1>(t, b, e, w_sq, g_sq, counts, none);
   else
-    norms_t<D, S, 0>(t, b, e, w_sq, g_sq, unused, none);
+    norms_d<D, S, 0>(t, b, e, w_sq, g_sq, unused, none);
 }
 template <int D, int S>
 void counts_plain(const CpuTensorArgs& t, int64_t b, int64_t e, float s, int64_t* n_agree, int64_t* n_active) {

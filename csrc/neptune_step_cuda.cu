@@ -238,6 +238,7 @@ __device__ __forceinline__ StepConsts tensor_consts(const StepArgs& a, const Dev
   c.bc2 = (float)(1.0 - pow(a.beta2, td));
   c.eps = (float)a.eps;
   c.lr = (float)lr;
+  fold_bias_corrections(c, lr, a.eps, 1.0 - pow(a.beta1, td), 1.0 - pow(a.beta2, td));
   c.decay = (float)(1.0 - __dmul_rn(lr, a.weight_decay));  // no FMA: same rounding as the host
   float gmul = a.maximize ? -1.f : 1.f;
   if (a.grad_scale != nullptr) gmul /= *a.grad_scale;
@@ -300,10 +301,11 @@ template <int D, int S, bool BLOCK>
 __device__ __forceinline__ void group_update(const DevTensor& t, const StepConsts& c, float s, float rho, int64_t b,
                                              int64_t n, int64_t uoff, int tid) {
   constexpr int NTHR = BLOCK ? kThreads : kWarpSize;
+  const float step = unit_step_size(c, rho);
   traverse<D, S, kLdW | kLdG | kLdM | kLdV | kStW | kStMV>(t, b, n, uoff, tid, NTHR,
                                                             [&](auto& wf, auto& gf, auto& mf, auto& vf) {
 #pragma unroll
-    for (int j = 0; j < NEPTUNE_LEN(wf); ++j) wf[j] = element_step(wf[j], gf[j], mf[j], vf[j], s, rho, c);
+    for (int j = 0; j < NEPTUNE_LEN(wf); ++j) wf[j] = element_step(wf[j], gf[j], mf[j], vf[j], s, step, c);
   });
 }
 
