@@ -28,7 +28,6 @@ constexpr float kGNormFloor = 1e-6f;
 constexpr float kRhoFloor = 1e-3f;
 
 NEPTUNE_HD float fmax_(float a, float b) { return a > b ? a : b; }
-NEPTUNE_HD float fmin_(float a, float b) { return a < b ? a : b; }
 
 // Everything one tensor's step needs, computed once per tensor per step.
 struct StepConsts {
@@ -54,12 +53,17 @@ struct StepConsts {
 // Gradient as the rule sees it: sign for maximize, unscaled for a GradScaler.
 NEPTUNE_HD float grad_in(float g, const StepConsts& c) { return g * c.gmul; }
 
-// 1. unit-wise adaptive gradient clipping factor from the unit's squared norms.
+// 1. unit-wise adaptive gradient clipping factor from the unit's squared norms. A NaN
+// norm (a NaN gradient in the unit) gives a NaN factor, as torch's clamp in the reference
+// does, so the unit turns NaN as it would under AdamW; the comparisons are written so
+// that NaN falls through them.
 NEPTUNE_HD float clip_factor(float w_sq, float g_sq, float clip) {
   if (!(clip > 0.f)) return 1.f;
-  const float w_norm = fmax_(NEPTUNE_SQRTF(w_sq), kWNormFloor);
-  const float g_norm = fmax_(NEPTUNE_SQRTF(g_sq), kGNormFloor);
-  return fmin_(1.f, clip * w_norm / g_norm);
+  float w_norm = NEPTUNE_SQRTF(w_sq), g_norm = NEPTUNE_SQRTF(g_sq);
+  w_norm = w_norm < kWNormFloor ? kWNormFloor : w_norm;
+  g_norm = g_norm < kGNormFloor ? kGNormFloor : g_norm;
+  const float s = clip * w_norm / g_norm;
+  return s > 1.f ? 1.f : s;
 }
 
 // 2. moments, in place.
@@ -97,10 +101,10 @@ NEPTUNE_HD float adam_delta(float m, float v, float step, const StepConsts& c) {
   return (m * step) / (NEPTUNE_SQRTF(v) + c.eps_hat);
 }
 
-// 4. decoupled weight decay, then the (masked, renormalised) step.
+// 4. decoupled weight decay, then the (masked, renormalised) step. The mask multiplies,
+// as in the spec (U * C), so a NaN / inf direction still reaches a masked-out element.
 NEPTUNE_HD float new_weight(float w, float delta, int keep, const StepConsts& c) {
-  const float decayed = w * c.decay;
-  return keep ? decayed - delta : decayed;
+  return w * c.decay - delta * (float)keep;
 }
 
 // Whole element, for a unit whose clip factor s and step size (unit_step_size) are known:

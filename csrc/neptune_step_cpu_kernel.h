@@ -408,8 +408,8 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, 
     v = c.beta2 * v + c.one_minus_beta2 * g * g;
     const vf delta = (m * step) / (vsqrt(v) + c.eps_hat);
     const vf decayed = VLoad<D>::load(wp + i) * c.decay;
-    vf w = decayed - delta;
-    if (CAUTIOUS) w = (vf)select((vu)(m * g > 0.f), (vu)w, (vu)decayed);
+    // keep is 1.f or 0.f per lane: the mask multiplies, as in element_step
+    const vf w = CAUTIOUS ? decayed - delta * (vf)((vu)(m * g > 0.f) & f_to_bits(1.f)) : decayed - delta;
     St::vstore(mp + i, i - ubase, m, sr, 0);
     St::vstore(vp + i, i - ubase, v, sr, 1);
     VStore<D>::store(wp + i, w);

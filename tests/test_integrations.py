@@ -98,6 +98,25 @@ def test_nonfinite_gradients_propagate_like_adamw_by_default(impl):
     assert torch.equal(torch.isnan(p), torch.isnan(q))
 
 
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_nonfinite_gradients_propagate_with_the_default_rule(impl):
+    """Clipping and the mask on: a NaN gradient makes its unit's norm NaN, so the whole
+    unit (row) turns NaN, as the spec's reference computes it; it is never masked away."""
+    if impl == "op" and not neptune_ext.has_kernel("cpu"):
+        pytest.skip("CPU extension not built")
+    p = nn.Parameter(torch.ones(3, 4))
+    q = nn.Parameter(torch.ones(3, 4))
+    ours = Neptune([p], implementation=impl)
+    adamw = torch.optim.AdamW([q])
+    for t in (p, q):
+        t.grad = torch.full((3, 4), 0.5)
+        t.grad[1, 2] = float("nan")
+    ours.step()
+    adamw.step()
+    assert torch.isnan(p)[torch.isnan(q)].all()
+    assert torch.isnan(p[1]).all() and torch.isfinite(p[0]).all() and torch.isfinite(p[2]).all()
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_skip_nonfinite_skips_the_group_step(bad):
     model = _mlp()

@@ -158,6 +158,32 @@ def test_found_inf_changes_nothing():
     assert all(s.item() == 4.0 for s in S)
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("clip", [0.0, 0.1], ids=["no-clip", "clip"])
+def test_nonfinite_grads_match_reference(isa, clip):
+    """NaN / inf gradient elements count as active (G != 0 is true for NaN), so they set
+    rho for the rest of their unit exactly as in the reference; with clipping on the
+    unit's norm is non-finite and the whole unit follows the reference's NaNs."""
+    shapes = [(5, 1031), (37,), (3, 40)]
+    P, G, M, V, S = make_case(shapes, torch.float32, clip=clip)
+    G[0][1, 7] = float("nan")
+    G[0][2, 1030] = float("inf")
+    G[0][4, 3] = -float("inf")
+    G[1][20] = float("nan")
+    G[2][0, 33] = float("nan")  # in the vector tail of a 40-element unit
+    hyper = {**HYPER, "clip": clip}
+    rP, rM, rV, rS = clone_all([P, M, V, S])
+    neptune_step_(P, G, M, V, S, **hyper)
+    neptune_step_reference_multi(rP, G, rM, rV, rS, **hyper)
+    for i in range(len(P)):
+        for got, want in ((P[i], rP[i]), (M[i], rM[i]), (V[i], rV[i])):
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), f"tensor {i}: NaN positions differ"
+            assert torch.equal(torch.isinf(got), torch.isinf(want)), f"tensor {i}: inf positions differ"
+            finite = torch.isfinite(want)
+            assert finite.any() or clip > 0
+            assert_param_close(got[finite], want[finite], f"tensor {i}")
+
+
 def test_zero_size_tensors_advance_step():
     P = [torch.empty(0), torch.empty(3, 0)]
     G = [torch.empty(0), torch.empty(3, 0)]
