@@ -1,0 +1,203 @@
+// CPU probe: where the time of one Neptune step goes on this machine, without torch.
+// Links the real per-ISA kernels (csrc/neptune_step_cpu_<isa>.cpp) and times, on one thread:
+//   1. each pass with its data in L2 (compute cost per element);
+//   2. the same kernels streaming from DRAM, units of one length over 100 MB arrays:
+//      one pass (clip 0, no mask: AdamW) against Neptune's look-then-update per unit;
+//   3. the same two memory patterns with trivial arithmetic, to separate the cost of the
+//      access pattern from the cost of the math.
+// Build and run with bench/cpu_probe.sh. Numbers are medians of interleaved repetitions.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "neptune_step_cpu.h"
+
+using namespace neptune;
+
+namespace {
+
+const CpuKernels& best_kernels() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return cpu_kernels_avx512();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return cpu_kernels_avx2();
+  return cpu_kernels_scalar();
+}
+
+// Arrays offset from each other by a few cache lines, as separate torch tensors are.
+float* alloc_floats(int64_t n, int k) {
+  char* p = static_cast<char*>(aligned_alloc(4096, (size_t)n * 4 + 8192));
+  float* f = reinterpret_cast<float*>(p + 64 * (k + 1));
+  std::memset(f, 0, (size_t)n * 4);
+  return f;
+}
+
+struct Arrays {
+  int64_t n;
+  float *w, *g, *m, *v;
+  explicit Arrays(int64_t n_) : n(n_) {
+    w = alloc_floats(n, 0);
+    g = alloc_floats(n, 1);
+    m = alloc_floats(n, 2);
+    v = alloc_floats(n, 3);
+    std::mt19937 rng(0);
+    std::normal_distribution<float> nd;
+    for (int64_t i = 0; i < n; ++i) {
+      w[i] = 0.05f * nd(rng);
+      g[i] = 1e-3f * nd(rng);
+      m[i] = 1e-4f * nd(rng);
+      v[i] = 1e-6f * std::fabs(nd(rng)) + 1e-12f;
+    }
+  }
+};
+
+CpuTensorArgs tensor_args(const Arrays& a, int64_t unit_len, float clip, int cautious) {
+  CpuTensorArgs t{};
+  t.w = a.w;
+  t.g = a.g;
+  t.m = a.m;
+  t.v = a.v;
+  t.numel = a.n;
+  t.unit_len = unit_len;
+  t.dtype = kF32;
+  t.state_dtype = kF32;
+  t.sr_step = 10;
+  StepConsts& c = t.c;
+  c.beta1 = 0.9f;
+  c.one_minus_beta1 = 0.1f;
+  c.beta2 = 0.999f;
+  c.one_minus_beta2 = 0.001f;
+  c.bc1 = 1.f - std::pow(0.9f, 10.f);
+  c.bc2 = 1.f - std::pow(0.999f, 10.f);
+  c.eps = 1e-8f;
+  c.lr = 1e-9f;  // tiny: the weights barely move however long the probe runs
+  fold_bias_corrections(c, 1e-9, 1e-8, c.bc1, c.bc2);
+  c.decay = 1.f;
+  c.gmul = 1.f;
+  c.clip = clip;
+  c.cautious = cautious;
+  return t;
+}
+
+// Medians in ns per element of interleaved repetitions of each named function.
+std::vector<double> interleaved(const std::vector<std::function<void()>>& fns, int64_t elems, int reps) {
+  std::vector<std::vector<double>> t(fns.size());
+  for (auto& f : fns) f();  // warm
+  for (int r = 0; r < reps; ++r)
+    for (size_t k = 0; k < fns.size(); ++k) {
+      const auto t0 = std::chrono::steady_clock::now();
+      fns[k]();
+      const auto t1 = std::chrono::steady_clock::now();
+      t[k].push_back(std::chrono::duration<double, std::nano>(t1 - t0).count() / (double)elems);
+    }
+  std::vector<double> med;
+  for (auto& x : t) {
+    std::sort(x.begin(), x.end());
+    med.push_back(x[x.size() / 2]);
+  }
+  return med;
+}
+
+// Whole-unit stepping of a tensor as the operator does on one thread.
+void step_units(const CpuKernels& k, const CpuTensorArgs& t) {
+  const int64_t per_task = std::max<int64_t>(1, (1 << 18) / t.unit_len), units = t.numel / t.unit_len;
+  for (int64_t u = 0; u < units; u += per_task) {
+    const int64_t ue = std::min(u + per_task, units);
+    k.units(t, u, ue, ue < units ? &t : nullptr, ue);
+  }
+}
+
+// 3. Trivial arithmetic, the two access patterns: one read-modify-write pass, or per unit
+// a read of W, G, M and then the read-modify-write.
+float g_sink = 0.f;
+void rmw(const Arrays& a, int64_t b, int64_t e) {
+  float* __restrict w = a.w;
+  const float* __restrict g = a.g;
+  float* __restrict m = a.m;
+  float* __restrict v = a.v;
+  for (int64_t i = b; i < e; ++i) {
+    const float mi = m[i] * 0.5f + g[i], vi = v[i] * 0.5f + g[i] * g[i];
+    m[i] = mi;
+    v[i] = vi;
+    w[i] -= mi * 1e-9f;
+  }
+}
+float look(const Arrays& a, int64_t b, int64_t e) {
+  const float* __restrict w = a.w;
+  const float* __restrict g = a.g;
+  const float* __restrict m = a.m;
+  float acc[16] = {};  // 16 fixed lanes: vectorizes without reassociating a float sum
+  int64_t i = b;
+  for (; i + 16 <= e; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += w[i + j] * g[i + j] + m[i + j];
+  for (int j = 0; i < e; ++i, ++j) acc[j] += w[i] * g[i] + m[i];
+  float s = 0.f;
+  for (float x : acc) s += x;
+  return s;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int reps = argc > 1 ? std::atoi(argv[1]) : 15;
+  const CpuKernels& k = best_kernels();
+  std::printf("kernels: %s, one thread\n\n", k.isa);
+
+  std::printf("1. in L2 (8 units), ns per element\n");
+  std::printf("%8s %8s %12s %8s %8s %12s %12s\n", "unit", "norms", "norms+count", "counts", "update", "units-adamw",
+              "units-neptune");
+  for (int64_t L : {576, 2304, 4608}) {
+    Arrays a(8 * L);
+    const CpuTensorArgs nep = tensor_args(a, L, 0.1f, 1), adamw = tensor_args(a, L, 0.f, 0);
+    float wq, gq;
+    int64_t cnt[2];
+    const auto rep = [](std::function<void()> f) {
+      return [f] {
+        for (int i = 0; i < 200; ++i) f();
+      };
+    };
+    const auto med = interleaved(
+        {rep([&] { k.norms(nep, 0, a.n, &wq, &gq, nullptr); }),
+         rep([&] { k.norms(nep, 0, a.n, &wq, &gq, cnt); }),
+         rep([&] { k.counts(nep, 0, a.n, 0.5f, &cnt[0], &cnt[1]); }),
+         rep([&] { k.update(nep, 0, a.n, 1.f, 0.5f); }),
+         rep([&] { k.units(adamw, 0, 8, nullptr, 0); }),
+         rep([&] { k.units(nep, 0, 8, nullptr, 0); })},
+        200 * a.n, reps);
+    std::printf("%8lld %8.3f %12.3f %8.3f %8.3f %12.3f %12.3f\n", (long long)L, med[0], med[1], med[2], med[3], med[4],
+                med[5]);
+  }
+
+  std::printf("\n2-3. streaming from DRAM (100 MB per array), ns per element\n");
+  std::printf("%8s %12s %14s %7s %14s %14s %7s\n", "unit", "kernel-1pass", "kernel-neptune", "ratio", "trivial-1pass",
+              "trivial-2pass", "ratio");
+  const int64_t n = 25 << 20;
+  Arrays a(n);
+  for (int64_t L : {256, 576, 1024, 2304, 4608}) {
+    const int64_t nl = n / L * L;
+    const CpuTensorArgs nep = tensor_args(a, L, 0.1f, 1), adamw = tensor_args(a, L, 0.f, 0);
+    CpuTensorArgs nep_l = nep, adamw_l = adamw;
+    nep_l.numel = adamw_l.numel = nl;
+    const auto med = interleaved({[&] { step_units(k, adamw_l); }, [&] { step_units(k, nep_l); },
+                                  [&] { rmw(a, 0, nl); },
+                                  [&] {
+                                    for (int64_t u = 0; u < nl; u += L) {
+                                      g_sink += look(a, u, u + L);
+                                      rmw(a, u, u + L);
+                                    }
+                                  }},
+                                 nl, reps);
+    std::printf("%8lld %12.3f %14.3f %7.2f %14.3f %14.3f %7.2f\n", (long long)L, med[0], med[1], med[1] / med[0], med[2],
+                med[3], med[3] / med[2]);
+  }
+  return g_sink == 12345.f;  // keep the looks alive
+}
