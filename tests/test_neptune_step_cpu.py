@@ -184,6 +184,22 @@ def test_nonfinite_grads_match_reference(isa, clip):
             assert_param_close(got[finite], want[finite], f"tensor {i}")
 
 
+@pytest.mark.parametrize("eps", [1e-45, 1e-30])
+def test_tiny_eps_keeps_untouched_elements_finite(eps):
+    """eps is folded into eps * sqrt(bc2) in float: it must not round to 0, or an element
+    with no gradient and no history would compute 0 / 0."""
+    P = [torch.randn(4, 33)]
+    G = [torch.zeros(4, 33)]
+    G[0][0] = torch.randn(33)  # one unit with a gradient, three without
+    M, V, S = [torch.zeros(4, 33)], [torch.zeros(4, 33)], [torch.zeros(())]
+    rP, rM, rV, rS = clone_all([P, M, V, S])
+    hyper = {**HYPER, "eps": eps, "clip": 0.0}
+    neptune_step_(P, G, M, V, S, **hyper)
+    neptune_step_reference_multi(rP, G, rM, rV, rS, **hyper)
+    assert torch.isfinite(P[0]).all()
+    assert_param_close(P[0], rP[0], f"eps={eps}")
+
+
 def test_zero_size_tensors_advance_step():
     P = [torch.empty(0), torch.empty(3, 0)]
     G = [torch.empty(0), torch.empty(3, 0)]
