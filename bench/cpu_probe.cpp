@@ -4,7 +4,9 @@
 //   2. the same kernels streaming from DRAM, units of one length over 100 MB arrays:
 //      one pass (clip 0, no mask: AdamW) against Neptune's look-then-update per unit;
 //   3. the same two memory patterns with trivial arithmetic, to separate the cost of the
-//      access pattern from the cost of the math.
+//      access pattern from the cost of the math;
+//   4. reading 1, 3 or 4 of the arrays, or reading and writing them: one core's time goes
+//      with the lines it reads, the write-backs come free.
 // Build and run with bench/cpu_probe.sh. Numbers are medians of interleaved repetitions.
 #include <immintrin.h>
 
@@ -147,6 +149,32 @@ float look(const Arrays& a, int64_t b, int64_t e) {
   return s;
 }
 
+// 4. Reading k of the arrays, or reading and writing them back: what one core's time per
+// element is made of (16 fixed lanes so the sums vectorize).
+float read_streams(const Arrays& a, int k) {
+  const float* p[4] = {a.w, a.g, a.m, a.v};
+  float acc[16] = {};
+  for (int64_t i = 0; i + 16 <= a.n; i += 16)
+    for (int s = 0; s < k; ++s)
+      for (int j = 0; j < 16; ++j) acc[j] += p[s][i + j];
+  float t = 0.f;
+  for (float x : acc) t += x;
+  return t;
+}
+void scale_streams(const Arrays& a, int k) {
+  float* __restrict w = a.w;
+  float* __restrict m = a.m;
+  float* __restrict v = a.v;
+  if (k == 1)
+    for (int64_t i = 0; i < a.n; ++i) v[i] *= 0.5f;
+  else
+    for (int64_t i = 0; i < a.n; ++i) {
+      w[i] *= 0.5f;
+      m[i] *= 0.5f;
+      v[i] *= 0.5f;
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -200,6 +228,16 @@ int main(int argc, char** argv) {
                                  nl, reps);
     std::printf("%8lld %12.3f %14.3f %7.2f %14.3f %14.3f %7.2f\n", (long long)L, med[0], med[1], med[1] / med[0], med[2],
                 med[3], med[3] / med[2]);
+  }
+
+  std::printf("\n4. one core on the same 100 MB arrays, ns per element, medians\n");
+  {
+    const auto med = interleaved({[&] { g_sink += read_streams(a, 1); }, [&] { g_sink += read_streams(a, 3); },
+                                  [&] { g_sink += read_streams(a, 4); }, [&] { scale_streams(a, 1); },
+                                  [&] { scale_streams(a, 3); }},
+                                 a.n, reps);
+    std::printf("read 1 array %.3f, read 3 %.3f, read 4 %.3f; read+write 1 %.3f, read+write 3 %.3f\n", med[0], med[1],
+                med[2], med[3], med[4]);
   }
   return g_sink == 12345.f;  // keep the looks alive
 }

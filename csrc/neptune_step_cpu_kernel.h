@@ -269,11 +269,12 @@ struct Prefetcher {
     v = static_cast<const char*>(a.v) + off * state_size;
     len = a.unit_len;
   }
-  // This pass fetches slices [k, k_end) of `parts`.
-  void slice(int k, int parts, int64_t pass_len, int k_end = -1) {
-    begin = cur = len * k / parts;
-    end = len * (k_end < 0 ? k + 1 : k_end) / parts;
-    per_elem = pass_len > 0 ? (float)(end - begin) / (float)pass_len : 0.f;
+  // This pass fetches next-unit elements [b, e), spread over the pass at `per` of them
+  // per element processed (callers precompute the cuts: no divisions per unit).
+  void slice(int64_t b, int64_t e, float per) {
+    begin = cur = b;
+    end = e;
+    per_elem = per;
   }
   // `done` elements of the current pass are processed.
   void advance(int64_t done) {
@@ -383,8 +384,10 @@ void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_
 // The streaming pass: read W, G, M, V once, write W, M, V once. The vector body is the
 // same arithmetic as neptune_math.h's element_step (used for the tail), op for op.
 // UNIT_G: gmul == 1 and s == 1, so the gradient is used as stored (bitwise the same).
+// ubase is the first element of the unit: stochastic-rounding bits are keyed by the index
+// within the unit, so a row shard stepped alone rounds as the whole tensor does (property 5).
 template <int D, int S, int CAUTIOUS, int UNIT_G>
-void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, Prefetcher& pf) {
+void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, int64_t ubase, float s, float rho, Prefetcher& pf) {
   using E = Elem<D>;
   using St = State<S>;
   typename E::T* __restrict wp = static_cast<typename E::T*>(a.w);
@@ -392,9 +395,6 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, 
   typename St::T* __restrict mp = static_cast<typename St::T*>(a.m);
   typename St::T* __restrict vp = static_cast<typename St::T*>(a.v);
   const uint32_t sr = a.sr_step;
-  // Stochastic-rounding bits are keyed by the index within the unit, so a row shard
-  // stepped alone rounds exactly as the whole tensor does (spec property 5).
-  const int64_t ubase = b - b % a.unit_len;
   StepConsts c = a.c;
   c.cautious = CAUTIOUS;
   const float step = unit_step_size(c, rho);
@@ -425,12 +425,12 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, 
 }
 
 template <int D, int S>
-void update_d(const CpuTensorArgs& a, int64_t b, int64_t e, float s, float rho, Prefetcher& pf) {
+void update_d(const CpuTensorArgs& a, int64_t b, int64_t e, int64_t ubase, float s, float rho, Prefetcher& pf) {
   const bool unit_g = a.c.gmul == 1.f && s == 1.f;
   if (a.c.cautious)
-    unit_g ? update_t<D, S, 1, 1>(a, b, e, s, rho, pf) : update_t<D, S, 1, 0>(a, b, e, s, rho, pf);
+    unit_g ? update_t<D, S, 1, 1>(a, b, e, ubase, s, rho, pf) : update_t<D, S, 1, 0>(a, b, e, ubase, s, rho, pf);
   else
-    unit_g ? update_t<D, S, 0, 1>(a, b, e, s, rho, pf) : update_t<D, S, 0, 0>(a, b, e, s, rho, pf);
+    unit_g ? update_t<D, S, 0, 1>(a, b, e, ubase, s, rho, pf) : update_t<D, S, 0, 0>(a, b, e, ubase, s, rho, pf);
 }
 
 template <int D, int S, int COUNT>
@@ -451,6 +451,10 @@ void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs
   const int64_t L = a.unit_len;
   const bool clip = a.c.clip > 0.f, cautious = a.c.cautious != 0;
   const int passes = 1 + (clip ? 1 : 0) + (cautious ? 1 : 0);
+  // Pass k prefetches next-unit elements [cut[k], cut[k + 1]); the update pass, the rest.
+  int64_t cut[4];
+  for (int k = 0; k <= passes; ++k) cut[k] = L * k / passes;
+  const float inv_len = 1.f / (float)L;
   for (int64_t u = ub; u < ue; ++u) {
     const int64_t b = u * L, e = b + L;
     Prefetcher pf;
@@ -465,7 +469,8 @@ void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs
     bool counted = false;
     if (clip) {
       float w_sq, g_sq;
-      pf.slice(k++, passes, L);
+      pf.slice(cut[k], cut[k + 1], (float)(cut[k + 1] - cut[k]) * inv_len);
+      ++k;
       if (cautious) {
         norms_d<D, S, 1>(a, b, e, &w_sq, &g_sq, counts, pf);
       } else {
@@ -478,13 +483,14 @@ void units_t(const CpuTensorArgs& a, int64_t ub, int64_t ue, const CpuTensorArgs
     if (cautious) {
       if (!counted) {  // clipped: count again with the real s
         counts[0] = counts[1] = 0;
-        pf.slice(k++, passes, L);
+        pf.slice(cut[k], cut[k + 1], (float)(cut[k + 1] - cut[k]) * inv_len);
+        ++k;
         counts_t<D, S>(a, b, e, s, &counts[0], &counts[1], pf);
       }
       rho = rho_floor(counts[0], counts[1], 1);
     }
-    pf.slice(k, passes, L, passes);  // the update pass fetches what is left
-    update_d<D, S>(a, b, e, s, rho, pf);
+    pf.slice(cut[k], cut[passes], (float)(cut[passes] - cut[k]) * inv_len);  // what is left
+    update_d<D, S>(a, b, e, b, s, rho, pf);
   }
 }
 
@@ -516,7 +522,7 @@ void counts_plain(const CpuTensorArgs& t, int64_t b, int64_t e, float s, int64_t
 template <int D, int S>
 void update_plain(const CpuTensorArgs& t, int64_t b, int64_t e, float s, float rho) {
   Prefetcher none;
-  update_d<D, S>(t, b, e, s, rho, none);
+  update_d<D, S>(t, b, e, b - b % t.unit_len, s, rho, none);
 }
 
 void units_entry(const CpuTensorArgs& t, int64_t ub, int64_t ue, const CpuTensorArgs* after,
