@@ -120,18 +120,23 @@ NEPTUNE_HD float element_step(float w, float graw, float& m, float& v, float s, 
 
 // Memory-lean variant: exp_avg / exp_avg_sq stored as bfloat16 with stochastic rounding
 // (round-to-nearest would freeze V: 0.999 * v rounds back to v in 8 mantissa bits). The
-// random bits are a hash of (element index within its unit, step, stream), so results
-// are reproducible, independent of threads and devices, and a row shard rounds as the
-// whole tensor does. stream: 0 for exp_avg, 1 for exp_avg_sq.
-NEPTUNE_HD uint32_t sr_bits(uint64_t index, uint32_t step, uint32_t stream) {
-  uint32_t x = (uint32_t)index ^ ((uint32_t)(index >> 32) * 0x85EBCA6Bu) ^ (step * 0x9E3779B9u) ^
-               (stream * 0xC2B2AE35u);
+// random bits are a hash of (element index within its unit, step), so results are
+// reproducible, independent of threads and devices, and a row shard rounds as the whole
+// tensor does. One 32-bit hash serves both moments: its low half rounds exp_avg, its high
+// half exp_avg_sq, so a kernel hashes once per element.
+NEPTUNE_HD uint32_t sr_hash(uint64_t index, uint32_t step) {
+  uint32_t x = (uint32_t)index ^ ((uint32_t)(index >> 32) * 0x85EBCA6Bu) ^ (step * 0x9E3779B9u);
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
   x *= 0x846CA68Bu;
   x ^= x >> 16;
   return x;
+}
+
+// The 16 rounding bits of one moment. stream: 0 for exp_avg, 1 for exp_avg_sq.
+NEPTUNE_HD uint32_t sr_bits(uint64_t index, uint32_t step, uint32_t stream) {
+  return (sr_hash(index, step) >> (16u * stream)) & 0xFFFFu;
 }
 
 NEPTUNE_HD uint32_t float_bits(float f) {

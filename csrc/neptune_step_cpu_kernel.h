@@ -210,37 +210,50 @@ inline int count_ne0(vf x) {
 }
 
 // exp_avg / exp_avg_sq storage: float32, or bfloat16 with deterministic stochastic
-// rounding (neptune_math.h's sr_bits / bf16_round_stochastic, vectorized here bit for bit).
+// rounding (neptune_math.h's sr_hash / bf16_round_stochastic, vectorized here bit for bit;
+// one hash per element rounds both moments).
 template <int S> struct State;
 template <> struct State<kF32> {
   using T = float;
   static vf vload(const T* p) { return VLoad<kF32>::load(p); }
   static float load(const T* p) { return *p; }
-  static void vstore(T* p, int64_t, vf x, uint32_t, uint32_t) { VStore<kF32>::store(p, x); }
-  static void store(T* p, int64_t, float x, uint32_t, uint32_t) { *p = x; }
+  static void vstore2(T* mp, T* vp, int64_t, vf m, vf v, uint32_t) {
+    VStore<kF32>::store(mp, m);
+    VStore<kF32>::store(vp, v);
+  }
+  static void store2(T* mp, T* vp, int64_t, float m, float v, uint32_t) {
+    *mp = m;
+    *vp = v;
+  }
 };
 template <> struct State<kBF16> {
   using T = uint16_t;
   static vf vload(const T* p) { return VLoad<kBF16>::load(p); }
   static float load(const T* p) { return Elem<kBF16>::load(*p); }
+  static vu round(vf f, vu bits16) {
+    const vu rounded = ((vu)f + bits16) >> 16;
+    return select((vu)(f != f), (vu){} + 0x7FC0u, rounded);
+  }
   // Elements index .. index + kWidth - 1 of their unit.
-  static void vstore(T* p, int64_t index, vf f, uint32_t step, uint32_t stream) {
+  static void vstore2(T* mp, T* vp, int64_t index, vf m, vf v, uint32_t step) {
     vu iota;
     for (int j = 0; j < kWidth; ++j) iota[j] = (uint32_t)j;
     const uint32_t lo0 = (uint32_t)index;
     const vu lo = ((vu){} + lo0) + iota;
     const vu hi = ((vu){} + (uint32_t)((uint64_t)index >> 32)) - (vu)(lo < lo0);  // carry
-    vu x = lo ^ (hi * 0x85EBCA6Bu) ^ (step * 0x9E3779B9u) ^ (stream * 0xC2B2AE35u);
+    vu x = lo ^ (hi * 0x85EBCA6Bu) ^ (step * 0x9E3779B9u);
     x ^= x >> 16;
     x *= 0x7FEB352Du;
     x ^= x >> 15;
     x *= 0x846CA68Bu;
     x ^= x >> 16;
-    const vu rounded = ((vu)f + (x & 0xFFFFu)) >> 16;
-    store_u16(p, select((vu)(f != f), (vu){} + 0x7FC0u, rounded));
+    store_u16(mp, round(m, x & 0xFFFFu));
+    store_u16(vp, round(v, x >> 16));
   }
-  static void store(T* p, int64_t index, float x, uint32_t step, uint32_t stream) {
-    *p = bf16_round_stochastic(x, sr_bits((uint64_t)index, step, stream));
+  static void store2(T* mp, T* vp, int64_t index, float m, float v, uint32_t step) {
+    const uint32_t x = sr_hash((uint64_t)index, step);
+    *mp = bf16_round_stochastic(m, x & 0xFFFFu);
+    *vp = bf16_round_stochastic(v, x >> 16);
   }
 };
 
@@ -410,15 +423,13 @@ void update_t(const CpuTensorArgs& a, int64_t b, int64_t e, int64_t ubase, float
     const vf decayed = VLoad<D>::load(wp + i) * c.decay;
     // keep is 1.f or 0.f per lane: the mask multiplies, as in element_step
     const vf w = CAUTIOUS ? decayed - delta * (vf)((vu)(m * g > 0.f) & f_to_bits(1.f)) : decayed - delta;
-    St::vstore(mp + i, i - ubase, m, sr, 0);
-    St::vstore(vp + i, i - ubase, v, sr, 1);
+    St::vstore2(mp + i, vp + i, i - ubase, m, v, sr);
     VStore<D>::store(wp + i, w);
   }
   for (; i < e; ++i) {
     float m = St::load(mp + i), v = St::load(vp + i);
     const float w = element_step(E::load(wp[i]), E::load(gp[i]), m, v, s, step, c);
-    St::store(mp + i, i - ubase, m, sr, 0);
-    St::store(vp + i, i - ubase, v, sr, 1);
+    St::store2(mp + i, vp + i, i - ubase, m, v, sr);
     wp[i] = E::store(w);
   }
   pf.flush();

@@ -35,21 +35,23 @@ _M32 = 0xFFFFFFFF
 
 
 def _sr_bits(index: Tensor, step: int, stream: int) -> Tensor:
-    """neptune_math.h's sr_bits on int64 tensors (uint32 arithmetic, wrapping products)."""
+    """neptune_math.h's sr_bits on int64 tensors (uint32 arithmetic, wrapping products): one
+    hash of (index, step); its low 16 bits round exp_avg (stream 0), its high 16 exp_avg_sq."""
     x = (index & _M32) ^ (((index >> 32) * 0x85EBCA6B) & _M32)
-    x = x ^ ((step * 0x9E3779B9) & _M32) ^ ((stream * 0xC2B2AE35) & _M32)
+    x = x ^ ((step * 0x9E3779B9) & _M32)
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _M32
     x = x ^ (x >> 15)
     x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
+    x = x ^ (x >> 16)
+    return (x >> (16 * stream)) & 0xFFFF
 
 
 def store_state_(dst: Tensor, value: Tensor, step: int, stream: int) -> None:
     """Write float32 `value` into a state tensor: as is for float32; for the memory-lean
     bfloat16 state, stochastically rounded with the kernels' deterministic random bits
-    (a hash of the element's index within its unit, in memory order, the step and the
-    stream)."""
+    (a hash of the element's index within its unit, in memory order, and the step; one
+    16-bit half of it per stream: 0 for exp_avg, 1 for exp_avg_sq)."""
     if dst.dtype != torch.bfloat16:
         dst.copy_(value)
         return
