@@ -78,11 +78,8 @@ CpuTensorArgs tensor_args(const Arrays& a, int64_t unit_len, float clip, int cau
   c.one_minus_beta1 = 0.1f;
   c.beta2 = 0.999f;
   c.one_minus_beta2 = 0.001f;
-  c.bc1 = 1.f - std::pow(0.9f, 10.f);
-  c.bc2 = 1.f - std::pow(0.999f, 10.f);
-  c.eps = 1e-8f;
-  c.lr = 1e-9f;  // tiny: the weights barely move however long the probe runs
-  fold_bias_corrections(c, 1e-9, 1e-8, c.bc1, c.bc2);
+  // lr tiny: the weights barely move however long the probe runs
+  fold_bias_corrections(c, 1e-9, 1e-8, 1.0 - std::pow(0.9, 10.0), 1.0 - std::pow(0.999, 10.0));
   c.decay = 1.f;
   c.gmul = 1.f;
   c.clip = clip;

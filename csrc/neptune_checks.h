@@ -110,10 +110,6 @@ inline StepConsts step_consts(const Hyper& h, double t, float gmul) {
   c.one_minus_beta1 = (float)(1.0 - h.beta1);
   c.beta2 = (float)h.beta2;
   c.one_minus_beta2 = (float)(1.0 - h.beta2);
-  c.bc1 = (float)(1.0 - std::pow(h.beta1, t));
-  c.bc2 = (float)(1.0 - std::pow(h.beta2, t));
-  c.eps = (float)h.eps;
-  c.lr = (float)h.lr;
   fold_bias_corrections(c, h.lr, h.eps, 1.0 - std::pow(h.beta1, t), 1.0 - std::pow(h.beta2, t));
   c.decay = (float)(1.0 - h.lr * h.weight_decay);
   c.gmul = gmul;

@@ -33,9 +33,6 @@ NEPTUNE_HD float fmax_(float a, float b) { return a > b ? a : b; }
 struct StepConsts {
   float beta1, one_minus_beta1;
   float beta2, one_minus_beta2;
-  float bc1, bc2;        // 1 - beta^t
-  float eps;
-  float lr;
   // The Adam direction with the bias corrections folded into two constants, as torch's
   // AdamW does: lr * (M / bc1) / (sqrt(V / bc2) + eps)
   //       == (M * step_size) / (sqrt(V) + eps_hat), step_size = lr * sqrt(bc2) / bc1,

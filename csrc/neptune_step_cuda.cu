@@ -234,10 +234,6 @@ __device__ __forceinline__ StepConsts tensor_consts(const StepArgs& a, const Dev
   c.one_minus_beta1 = (float)(1.0 - a.beta1);
   c.beta2 = (float)a.beta2;
   c.one_minus_beta2 = (float)(1.0 - a.beta2);
-  c.bc1 = (float)(1.0 - pow(a.beta1, td));
-  c.bc2 = (float)(1.0 - pow(a.beta2, td));
-  c.eps = (float)a.eps;
-  c.lr = (float)lr;
   fold_bias_corrections(c, lr, a.eps, 1.0 - pow(a.beta1, td), 1.0 - pow(a.beta2, td));
   c.decay = (float)(1.0 - __dmul_rn(lr, a.weight_decay));  // no FMA: same rounding as the host
   float gmul = a.maximize ? -1.f : 1.f;
