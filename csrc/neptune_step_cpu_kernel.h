@@ -176,35 +176,26 @@ inline vf vsqrt(vf x) {
 #endif
 }
 
-// Lane counts of x > 0 (ordered: NaN is not) and x != 0 (unordered: NaN is), as the
-// scalar agrees() / active() count them. AVX-512 and AVX2 compare into a bit mask and
-// popcount it on the integer units, leaving the vector units to the arithmetic.
+// Lane counts of x > 0 (kGt0; ordered: NaN is not) and x != 0 (kNe0; unordered: NaN is),
+// as the scalar agrees() / active() count them. AVX-512 and AVX2 compare into a bit mask
+// and popcount it on the integer units, leaving the vector units to the arithmetic.
+enum CountIf { kGt0, kNe0 };
 #if NEPTUNE_CPU_WIDTH == 4 && defined(__x86_64__)
 constexpr int kPopcount4[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};  // SSE2 has no popcnt
 #endif
-inline int count_gt0(vf x) {
+template <CountIf P>
+inline int count_lanes(vf x) {
 #if NEPTUNE_CPU_WIDTH == 16
-  return __builtin_popcount(_mm512_cmp_ps_mask((__m512)x, _mm512_setzero_ps(), _CMP_GT_OQ));
+  return __builtin_popcount(_mm512_cmp_ps_mask((__m512)x, _mm512_setzero_ps(), P == kGt0 ? _CMP_GT_OQ : _CMP_NEQ_UQ));
 #elif NEPTUNE_CPU_WIDTH == 8
-  return __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps((__m256)x, _mm256_setzero_ps(), _CMP_GT_OQ)));
+  return __builtin_popcount(
+      _mm256_movemask_ps(_mm256_cmp_ps((__m256)x, _mm256_setzero_ps(), P == kGt0 ? _CMP_GT_OQ : _CMP_NEQ_UQ)));
 #elif defined(__x86_64__)
-  return kPopcount4[_mm_movemask_ps(_mm_cmpgt_ps((__m128)x, _mm_setzero_ps()))];
+  const __m128 z = _mm_setzero_ps();
+  return kPopcount4[_mm_movemask_ps(P == kGt0 ? _mm_cmpgt_ps((__m128)x, z) : _mm_cmpneq_ps((__m128)x, z))];
 #else
   int n = 0;
-  for (int j = 0; j < kWidth; ++j) n += x[j] > 0.f;
-  return n;
-#endif
-}
-inline int count_ne0(vf x) {
-#if NEPTUNE_CPU_WIDTH == 16
-  return __builtin_popcount(_mm512_cmp_ps_mask((__m512)x, _mm512_setzero_ps(), _CMP_NEQ_UQ));
-#elif NEPTUNE_CPU_WIDTH == 8
-  return __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps((__m256)x, _mm256_setzero_ps(), _CMP_NEQ_UQ)));
-#elif defined(__x86_64__)
-  return kPopcount4[_mm_movemask_ps(_mm_cmpneq_ps((__m128)x, _mm_setzero_ps()))];
-#else
-  int n = 0;
-  for (int j = 0; j < kWidth; ++j) n += x[j] != 0.f;
+  for (int j = 0; j < kWidth; ++j) n += P == kGt0 ? x[j] > 0.f : x[j] != 0.f;
   return n;
 #endif
 }
@@ -336,8 +327,8 @@ void norms_t(const CpuTensorArgs& a, int64_t b, int64_t e, float* w_sq, float* g
       ag[r] += y * y;
       if (COUNT) {
         const vf m = c.beta1 * St::vload(mp + i + r * kWidth) + c.one_minus_beta1 * y;
-        sa += count_gt0(m * y);
-        sb += count_ne0(y);
+        sa += count_lanes<kGt0>(m * y);
+        sb += count_lanes<kNe0>(y);
       }
     }
   }
@@ -380,8 +371,8 @@ void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_
     pf.advance(i - b);
     const vf g = (VLoad<D>::load(gp + i) * c.gmul) * s;
     const vf m = c.beta1 * St::vload(mp + i) + c.one_minus_beta1 * g;
-    sa += count_gt0(m * g);
-    sb += count_ne0(g);
+    sa += count_lanes<kGt0>(m * g);
+    sb += count_lanes<kNe0>(g);
   }
   for (; i < e; ++i) {
     const float g = grad_in(E::load(gp[i]), c) * s;
