@@ -176,6 +176,7 @@ void scale_streams(const Arrays& a, int k) {
 
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 15;
+  const bool quick = argc > 2 && std::string(argv[2]) == "quick";  // smoke test: small arrays
   const CpuKernels& k = best_kernels();
   std::printf("kernels: %s, one thread\n\n", k.isa);
 
@@ -204,10 +205,10 @@ int main(int argc, char** argv) {
                 med[5]);
   }
 
-  std::printf("\n2-3. streaming from DRAM (100 MB per array), ns per element, medians\n");
+  const int64_t n = quick ? (1 << 22) : (25 << 20);
+  std::printf("\n2-3. streaming from DRAM (%lld MB per array), ns per element, medians\n", (long long)(n * 4 >> 20));
   std::printf("%8s %12s %14s %7s %14s %14s %7s\n", "unit", "kernel-1pass", "kernel-neptune", "ratio", "trivial-1pass",
               "trivial-2pass", "ratio");
-  const int64_t n = 25 << 20;
   Arrays a(n);
   for (int64_t L : {256, 576, 1024, 2304, 4608}) {
     const int64_t nl = n / L * L;
@@ -227,7 +228,7 @@ int main(int argc, char** argv) {
                 med[3], med[3] / med[2]);
   }
 
-  std::printf("\n4. one core on the same 100 MB arrays, ns per element, medians\n");
+  std::printf("\n4. one core on the same arrays, ns per element, medians\n");
   {
     const auto med = interleaved({[&] { g_sink += read_streams(a, 1); }, [&] { g_sink += read_streams(a, 3); },
                                   [&] { g_sink += read_streams(a, 4); }, [&] { scale_streams(a, 1); },
