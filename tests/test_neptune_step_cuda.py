@@ -80,6 +80,34 @@ def test_matches_reference(dtype, clip, cautious):
     run_vs_reference(SHAPES, dtype, hyper(clip=clip, cautious=cautious))
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.1], ids=["no-clip", "clip"])
+def test_nonfinite_grads_match_reference(clip):
+    """As on the CPU: NaN / inf gradient elements count as active, a NaN norm makes the
+    unit NaN, and the mask multiplies, so no NaN is masked away (warp, block and chunked
+    units)."""
+    shapes = [(5, 1031), (37,), (3, 40), (2, 16385), (70000,)]
+    ref = list(make_case(shapes, torch.float32, clip=clip))
+    g = ref[1]
+    g[0][1, 7] = float("nan")
+    g[0][2, 1030] = float("inf")
+    g[0][4, 3] = -float("inf")
+    g[1][20] = float("nan")
+    g[2][0, 33] = float("nan")
+    g[3][1, 16000] = float("nan")
+    g[4][69999] = float("inf")
+    dev = to_dev(ref)
+    h = hyper(clip=clip)
+    step_dev(dev, h)
+    neptune_step_reference_multi(*ref, **h)
+    for k, name in ((0, "param"), (2, "exp_avg"), (3, "exp_avg_sq")):
+        for i, (got, want) in enumerate(zip(dev[k], ref[k])):
+            got = got.cpu()
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{name} {i}: NaN positions differ"
+            assert torch.equal(torch.isinf(got), torch.isinf(want)), f"{name} {i}: inf positions differ"
+            finite = torch.isfinite(want)
+            assert_param_close(got[finite], want[finite], f"{name} {i}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_maximize_and_grad_scale(dtype):
     run_vs_reference(SHAPES, dtype, hyper(maximize=True), grad_scale=1024.0, seed=5)
