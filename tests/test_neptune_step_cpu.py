@@ -184,6 +184,24 @@ def test_nonfinite_grads_match_reference(isa, clip):
             assert_param_close(got[finite], want[finite], f"tensor {i}")
 
 
+@pytest.mark.parametrize("step", [0.0, 9999.0, 3e6])
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.0, 0.0), (0.99, 0.99999)], ids=["default", "zero", "high"])
+@pytest.mark.parametrize("lr", [0.0, 1e-2])
+def test_folded_bias_corrections_match_reference(step, betas, lr):
+    """The op folds lr, eps and the bias corrections into two per-tensor constants; at the
+    first step, deep into training and for extreme betas it still agrees with the spec's
+    literal (M / bc1) / (sqrt(V / bc2) + eps)."""
+    hyper = {**HYPER, "lr": lr, "beta1": betas[0], "beta2": betas[1]}
+    P, G, M, V, S = make_case(SHAPES, torch.float32, step=step, clip=hyper["clip"], beta1=betas[0])
+    rP, rM, rV, rS = clone_all([P, M, V, S])
+    neptune_step_(P, G, M, V, S, **hyper)
+    neptune_step_reference_multi(rP, G, rM, rV, rS, **hyper)
+    for i in range(len(P)):
+        assert_param_close(P[i], rP[i], f"param {i} step {step} betas {betas} lr {lr}")
+        assert_state_close(M[i], rM[i], f"exp_avg {i}")
+        assert_state_close(V[i], rV[i], f"exp_avg_sq {i}")
+
+
 @pytest.mark.parametrize("eps", [1e-45, 1e-30])
 def test_tiny_eps_keeps_untouched_elements_finite(eps):
     """eps is folded into eps * sqrt(bc2) in float: it must not round to 0, or an element
