@@ -107,3 +107,12 @@ def assert_state_close(actual: torch.Tensor, expected: torch.Tensor, what: str =
         return
     scale = expected.double().pow(2).mean().sqrt().item()
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale + 1e-30, msg=what or None)
+
+
+def assert_nonfinite_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """NaN and inf exactly where `expected` has them; the finite elements as assert_param_close."""
+    actual = actual.cpu()
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), f"{what}: NaN positions differ"
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected)), f"{what}: inf positions differ"
+    finite = torch.isfinite(expected)
+    assert_param_close(actual[finite], expected[finite], what)
