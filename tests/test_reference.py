@@ -178,3 +178,5 @@ def test_property6_found_inf_changes_nothing(kind):
     for old, new in zip(before, [P, M, V, S]):
         for a, b in zip(old, new):
             assert torch.equal(a, b)
+    step(P, G, M, V, S, **HYPER, found_inf=torch.tensor(0.0))  # and found_inf == 0 steps
+    assert all(s.item() == 4.0 for s in S)
