@@ -27,14 +27,6 @@ using namespace neptune;
 
 namespace {
 
-const CpuKernels& best_kernels() {
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return cpu_kernels_avx512();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return cpu_kernels_avx2();
-  return cpu_kernels_scalar();
-}
-
 // Arrays offset from each other by a few cache lines, as separate torch tensors are.
 float* alloc_floats(int64_t n, int k) {
   char* p = static_cast<char*>(aligned_alloc(4096, (size_t)n * 4 + 8192));
@@ -177,7 +169,7 @@ void scale_streams(const Arrays& a, int k) {
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 15;
   const bool quick = argc > 2 && std::string(argv[2]) == "quick";  // smoke test: small arrays
-  const CpuKernels& k = best_kernels();
+  const CpuKernels& k = cpu_kernels_best();
   std::printf("kernels: %s, one thread\n\n", k.isa);
 
   std::printf("1. in L2 (8 units), ns per element, best of the repetitions\n");

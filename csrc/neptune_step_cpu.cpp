@@ -20,20 +20,6 @@
 namespace neptune {
 namespace {
 
-#if defined(__x86_64__)
-bool cpu_has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-}
-bool cpu_has_avx2() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
-}
-#else
-bool cpu_has_avx512() { return false; }
-bool cpu_has_avx2() { return false; }
-#endif
-
 // The best kernel set this CPU runs; NEPTUNE_CPU_ISA=scalar|avx2|avx512 picks one (for
 // tests and benchmarks). Read at every call so a process can compare them.
 const CpuKernels& cpu_kernels() {
@@ -41,7 +27,7 @@ const CpuKernels& cpu_kernels() {
   if (want != nullptr && *want != '\0') {
     if (std::strcmp(want, "scalar") == 0) return cpu_kernels_scalar();
     if (std::strcmp(want, "avx2") == 0) {
-      TORCH_CHECK(cpu_has_avx2(), "NEPTUNE_CPU_ISA=avx2 but this CPU lacks AVX2/FMA/F16C");
+      TORCH_CHECK(cpu_has_avx2(), "NEPTUNE_CPU_ISA=avx2 but this CPU lacks AVX2/FMA/F16C/BMI2/POPCNT");
       return cpu_kernels_avx2();
     }
     if (std::strcmp(want, "avx512") == 0) {
@@ -50,9 +36,7 @@ const CpuKernels& cpu_kernels() {
     }
     TORCH_CHECK_VALUE(false, "NEPTUNE_CPU_ISA must be scalar, avx2 or avx512 (or unset), got '", want, "'");
   }
-  if (cpu_has_avx512()) return cpu_kernels_avx512();
-  if (cpu_has_avx2()) return cpu_kernels_avx2();
-  return cpu_kernels_scalar();
+  return cpu_kernels_best();
 }
 
 struct Task {

@@ -47,4 +47,26 @@ const CpuKernels& cpu_kernels_scalar();
 const CpuKernels& cpu_kernels_avx2();
 const CpuKernels& cpu_kernels_avx512();
 
+// What each kernel set needs of the CPU (its file's `#pragma GCC target`).
+#if defined(__x86_64__)
+inline bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+inline bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+}
+#else
+inline bool cpu_has_avx512() { return false; }
+inline bool cpu_has_avx2() { return false; }
+#endif
+
+// The best kernel set this CPU runs.
+inline const CpuKernels& cpu_kernels_best() {
+  if (cpu_has_avx512()) return cpu_kernels_avx512();
+  if (cpu_has_avx2()) return cpu_kernels_avx2();
+  return cpu_kernels_scalar();
+}
+
 }  // namespace neptune
