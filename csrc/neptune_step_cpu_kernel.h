@@ -79,7 +79,6 @@ inline float lane_sum(const float* a) {
 constexpr int kWidth = NEPTUNE_CPU_WIDTH;
 constexpr int kRegs = kLanes / kWidth;
 typedef float vf __attribute__((vector_size(4 * kWidth)));
-typedef int32_t vi __attribute__((vector_size(4 * kWidth)));
 typedef uint32_t vu __attribute__((vector_size(4 * kWidth)));
 typedef uint16_t vh __attribute__((vector_size(2 * kWidth)));
 
