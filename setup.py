@@ -94,6 +94,7 @@ def main() -> None:
         "neptune_step_cpu_scalar.cpp",
         "neptune_step_cpu_avx2.cpp",
         "neptune_step_cpu_avx512.cpp",
+        "neptune_step_cpu_avx512bf16.cpp",
         "neptune_cuda_plan.cpp",
     ]
     ext_modules = [

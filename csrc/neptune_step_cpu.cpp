@@ -20,7 +20,7 @@
 namespace neptune {
 namespace {
 
-// The best kernel set this CPU runs; NEPTUNE_CPU_ISA=scalar|avx2|avx512 picks one (for
+// The best kernel set this CPU runs; NEPTUNE_CPU_ISA=scalar|avx2|avx512|avx512bf16 picks one (for
 // tests and benchmarks). Read at every call so a process can compare them.
 const CpuKernels& cpu_kernels() {
   const char* want = std::getenv("NEPTUNE_CPU_ISA");
@@ -34,7 +34,12 @@ const CpuKernels& cpu_kernels() {
       TORCH_CHECK(cpu_has_avx512(), "NEPTUNE_CPU_ISA=avx512 but this CPU lacks AVX-512 F/BW/VL/DQ");
       return cpu_kernels_avx512();
     }
-    TORCH_CHECK_VALUE(false, "NEPTUNE_CPU_ISA must be scalar, avx2 or avx512 (or unset), got '", want, "'");
+    if (std::strcmp(want, "avx512bf16") == 0) {
+      TORCH_CHECK(cpu_has_avx512bf16(), "NEPTUNE_CPU_ISA=avx512bf16 but this CPU lacks AVX-512 F/BW/VL/DQ/BF16");
+      return cpu_kernels_avx512bf16();
+    }
+    TORCH_CHECK_VALUE(false, "NEPTUNE_CPU_ISA must be scalar, avx2, avx512 or avx512bf16 (or unset), got '", want,
+                      "'");
   }
   return cpu_kernels_best();
 }
@@ -222,7 +227,7 @@ TORCH_LIBRARY_IMPL(neptune_ext, CPU, m) {
   m.impl("neptune_step_.tensor_lr", &neptune_step_cpu_tensor_lr);
 }
 
-// Which CPU kernel set (scalar, avx2, avx512) a step would run now.
+// Which CPU kernel set (scalar, avx2, avx512, avx512bf16) a step would run now.
 TORCH_LIBRARY_FRAGMENT(neptune_ext, m) { m.def("cpu_isa() -> str", &cpu_isa); }
 
 }  // namespace neptune

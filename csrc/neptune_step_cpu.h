@@ -42,10 +42,11 @@ struct CpuKernels {
   void (*update)(const CpuTensorArgs& t, int64_t b, int64_t e, float s, float rho);
 };
 
-// Defined in neptune_step_cpu_{scalar,avx2,avx512}.cpp.
+// Defined in neptune_step_cpu_{scalar,avx2,avx512,avx512bf16}.cpp.
 const CpuKernels& cpu_kernels_scalar();
 const CpuKernels& cpu_kernels_avx2();
 const CpuKernels& cpu_kernels_avx512();
+const CpuKernels& cpu_kernels_avx512bf16();
 
 // What each kernel set needs of the CPU (its file's `#pragma GCC target`).
 #if defined(__x86_64__)
@@ -53,17 +54,20 @@ inline bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
+inline bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 inline bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
 }
 #else
 inline bool cpu_has_avx512() { return false; }
+inline bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 inline bool cpu_has_avx2() { return false; }
 #endif
 
 // The best kernel set this CPU runs.
 inline const CpuKernels& cpu_kernels_best() {
+  if (cpu_has_avx512bf16()) return cpu_kernels_avx512bf16();
   if (cpu_has_avx512()) return cpu_kernels_avx512();
   if (cpu_has_avx2()) return cpu_kernels_avx2();
   return cpu_kernels_scalar();

@@ -6,7 +6,7 @@
 // every ISA build gives bitwise the same result (lane-wise sums, no FMA contraction).
 
 #if !defined(NEPTUNE_CPU_ISA) || !defined(NEPTUNE_CPU_WIDTH)
-#error "define NEPTUNE_CPU_ISA (scalar, avx2, avx512) and NEPTUNE_CPU_WIDTH before including this file"
+#error "define NEPTUNE_CPU_ISA (scalar, avx2, avx512, avx512bf16) and NEPTUNE_CPU_WIDTH before including this file"
 #endif
 
 namespace neptune {
@@ -123,6 +123,11 @@ template <> struct VLoad<kBF16> {
 };
 template <> struct VLoad<kF16> {
   static vf load(const uint16_t* p) {
+#if NEPTUNE_CPU_WIDTH == 16  // F16C: the emulation's bits (see VStore<kF16>)
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif NEPTUNE_CPU_WIDTH == 8
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
     const vu w = load_u16(p) << 16;
     const vu sign = w & 0x80000000u;
     const vu two_w = w + w;
@@ -130,6 +135,7 @@ template <> struct VLoad<kF16> {
     const vf denormalized = (vf)((two_w >> 17) | (126u << 23)) - 0.5f;
     const vu r = (two_w < (1u << 27)) ? (vu)denormalized : (vu)normalized;
     return (vf)(sign | r);
+#endif
   }
 };
 
@@ -139,15 +145,42 @@ template <int D> struct VStore;
 template <> struct VStore<kF32> {
   static void store(float* p, vf x) { __builtin_memcpy(p, &x, sizeof(x)); }
 };
+// AVX512-BF16's conversion rounds to nearest even too, but flushes denormals and keeps NaN
+// payloads: vectors holding either (never seen in training) take the emulation, so every
+// kernel set stores the same bits (checked for all 2^32 inputs, with and without DAZ/FTZ).
+// Integer compares find them: vfpclassps misses denormals under DAZ.
 template <> struct VStore<kBF16> {
   static void store(uint16_t* p, vf f) {
+#if defined(NEPTUNE_CPU_AVX512BF16)
+    const __m512i mag = (__m512i)((vu)f & 0x7FFFFFFFu);
+    const __mmask16 odd = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(mag, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFFFF)) |
+                          _mm512_cmpgt_epu32_mask(mag, _mm512_set1_epi32(0x7F800000));  // denormal | NaN
+    if (__builtin_expect(odd == 0, 1)) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)f));
+      return;
+    }
+#endif
     const vu u = (vu)f;
     const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     store_u16(p, select((vu)(f != f), (vu){} + 0x7FC0u, rounded));
   }
 };
+// F16C's conversion rounds to nearest even as the emulation does (the same bits for all
+// 2^32 non-NaN inputs, with and without DAZ/FTZ) but keeps NaN payloads: vectors with a
+// NaN take the emulation. Its loads are exact, NaNs included.
 template <> struct VStore<kF16> {
   static void store(uint16_t* p, vf f) {
+#if NEPTUNE_CPU_WIDTH == 16
+    if (__builtin_expect(_mm512_fpclass_ps_mask((__m512)f, 0x81) == 0, 1)) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)f, _MM_FROUND_TO_NEAREST_INT));
+      return;
+    }
+#elif NEPTUNE_CPU_WIDTH == 8
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps((__m256)f, (__m256)f, _CMP_UNORD_Q)) == 0, 1)) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT));
+      return;
+    }
+#endif
     vf base = ((vf)((vu)f & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
     const vu w = (vu)f;
     const vu shl1_w = w + w;

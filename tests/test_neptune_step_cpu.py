@@ -1,4 +1,5 @@
 """The CPU operator against the reference, and its own contract (validation, determinism)."""
+import math
 import os
 
 import pytest
@@ -24,6 +25,8 @@ def _supported_isas():
         isas.append("avx2")
     if all(f in flags for f in (" avx512f", " avx512bw", " avx512vl", " avx512dq")):
         isas.append("avx512")
+        if " avx512_bf16" in flags:
+            isas.append("avx512bf16")
     return isas
 
 
@@ -130,6 +133,64 @@ def test_isas_give_bitwise_identical_results(monkeypatch):
             for a_list, b_list in zip(ref, out):
                 for a, b in zip(a_list, b_list):
                     assert torch.equal(a, b), f"{isa} differs from {isa0} for {dtype}"
+
+
+def _extreme_case(dtype, seed):
+    """Weights over the exponent range of `dtype` (down to its denormals; for fp16 up to
+    its max), one unit with NaN gradients and one with -inf and NaN-with-payload weights:
+    the stored weights include denormals (masked elements: W * decay), overflow (fp16,
+    lr 50) and NaNs, where
+    the hardware 16-bit conversions (F16C, AVX512-BF16) differ from the emulated ones
+    unless the kernel steps around them."""
+    gen = torch.Generator().manual_seed(seed)
+    info = torch.finfo(dtype)
+    lo, hi = math.log2(info.smallest_normal) - 6, min(math.log2(info.max), 60.0)  # |W|^2 finite in fp32
+    params, grads = [], []
+    for shape in [(9, 1031), (64, 3, 3, 3), (1037,)]:
+        sign = torch.randint(0, 2, shape, generator=gen).float() * 2 - 1
+        w = sign * torch.exp2(lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)).float()
+        g = torch.randn(shape, generator=gen) * 1e-3
+        w.view(-1)[::97] = 0.0
+        params.append(w.to(dtype))
+        grads.append(g.to(dtype))
+    params[0][6] = params[0][6].sign() * min(info.max * 0.99, 2.0**60)  # fp16: a step from overflow
+    grads[0][7, 5::50] = float("nan")
+    params[0][8, 3::40] = -float("inf")
+    payload_nan = 0x7E55 if dtype == torch.float16 else 0x7FD5  # a quiet NaN with payload bits
+    params[0].view(torch.int16)[4, 1::40] = payload_nan
+    exp_avgs = [torch.randn(p.shape, generator=gen) * 1e-2 for p in params]
+    exp_avg_sqs = [torch.rand(p.shape, generator=gen) * 1e-6 for p in params]
+    steps = [torch.tensor(4.0) for _ in params]
+    return params, grads, exp_avgs, exp_avg_sqs, steps
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_params_bitwise_across_isas_at_extremes(monkeypatch, dtype, flush_denormal):
+    runs = []
+    try:
+        torch.set_flush_denormal(flush_denormal)
+        for isa in ISAS:
+            monkeypatch.setenv("NEPTUNE_CPU_ISA", isa)
+            P, G, M, V, S = _extreme_case(dtype, seed=11)
+            neptune_step_(P, G, M, V, S, lr=50.0, beta1=0.9, beta2=0.999, weight_decay=1e-4, eps=1e-8, clip=0.1,
+                          cautious=True, maximize=False)
+            runs.append((isa, P, M, V))
+    finally:
+        torch.set_flush_denormal(False)
+    isa0, *ref = runs[0]
+    # The case reaches what it is for.
+    p_all = torch.cat([p.float().flatten() for p in ref[0]])
+    if not flush_denormal:
+        assert ((p_all != 0) & (p_all.abs() < torch.finfo(dtype).smallest_normal)).any()
+    assert p_all.isnan().any() and (p_all == -float("inf")).any() and (p_all.isfinite().mean(dtype=float) > 0.75)
+    if dtype == torch.float16:
+        assert (p_all[p_all.isfinite()].abs() > 6e4).any() and (p_all == float("inf")).any()
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+    for isa, *out in runs[1:]:
+        for name, a_list, b_list in zip("PMV", ref, out):
+            for i, (a, b) in enumerate(zip(a_list, b_list)):
+                assert torch.equal(a.view(bits[a.dtype]), b.view(bits[b.dtype])), f"{name}[{i}]: {isa} != {isa0}"
 
 
 @pytest.mark.parametrize("threads", [2, 3])
