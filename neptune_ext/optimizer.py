@@ -296,7 +296,10 @@ class Neptune(Optimizer):
         scale = grad_scale.to(device, non_blocking=nb) if grad_scale is not None else None
         inf = found_inf.to(device, non_blocking=nb) if found_inf is not None else None
         lr = hyper["lr"]
-        if isinstance(lr, Tensor) and lr.device != device:  # the op dispatches on its tensors' device
+        # The op dispatches on its tensors' device: move a device lr to CPU params. A CPU lr
+        # stays as it is for CUDA params, whose op reads it on the host (a copy to the
+        # device would block on the host every step).
+        if isinstance(lr, Tensor) and lr.device != device and lr.device.type != "cpu":
             lr = lr.to(device)
         kw = dict(hyper, lr=lr, grad_scale=scale, found_inf=inf)
         if self._use_op(device, group["implementation"]):
@@ -314,6 +317,12 @@ class Neptune(Optimizer):
                 "few eager steps before capture)"
             )
         for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, Tensor) and lr.device.type == "cpu":
+                raise RuntimeError(
+                    "Neptune: a CUDA graph would keep the value that the CPU tensor lr has at capture; "
+                    "pass lr as a CUDA tensor (a schedule then works between replays) or as a float"
+                )
             for p in group["params"]:
                 if p.grad is not None and p.device.type != "cuda":
                     raise RuntimeError(f"Neptune: CUDA graph capture needs CUDA params, got one on {p.device}")

@@ -252,6 +252,49 @@ def test_capture_without_capturable_raises():
 
 
 @needs_cuda
+def test_capture_with_a_cpu_tensor_lr_raises():
+    model = _mlp(device="cuda")
+    opt = Neptune(model.parameters(), lr=torch.tensor(1e-2), capturable=True)
+    x, y = _batch(0, "cuda")
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "variant", ["float-lr", "cuda-lr", "cpu-lr", "grad-scaler", "skip-nonfinite", "bf16-state"]
+)
+def test_cuda_steps_do_not_sync_with_the_host(variant):
+    """Steady-state steps (after one eager warm-up) under torch's sync debug mode, which
+    raises on any host synchronisation (.item(), blocking copies, nonzero...)."""
+    model = _mlp(device="cuda")
+    lr = {"cuda-lr": torch.tensor(1e-2, device="cuda"), "cpu-lr": torch.tensor(1e-2)}.get(variant, 1e-2)
+    opt = Neptune(model.parameters(), lr=lr, skip_nonfinite=variant == "skip-nonfinite",
+                  state_dtype=torch.bfloat16 if variant == "bf16-state" else torch.float32)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if variant == "grad-scaler" else None
+    for k in range(3):
+        x, y = _batch(k, "cuda")
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        (scaler.scale(loss) if scaler else loss).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        torch.cuda.set_sync_debug_mode("error" if k > 0 else "default")
+        try:
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())), "the step moved nothing"
+
+
+@needs_cuda
 def test_captured_step_replays_like_eager():
     models = [_mlp(device="cuda"), _mlp(device="cuda")]
     opts = [Neptune(m.parameters(), lr=torch.tensor(1e-2, device="cuda"), capturable=True) for m in models]
