@@ -239,27 +239,22 @@ def test_operator_traces_without_graph_break():
 
 
 @needs_cuda
-def test_capture_without_capturable_raises():
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "capturable=True"),
+        # a CPU tensor lr would be read once, at capture
+        ({"lr": torch.tensor(1e-2), "capturable": True}, "CUDA tensor"),
+    ],
+)
+def test_capture_raises_where_replays_would_be_wrong(kwargs, message):
     model = _mlp(device="cuda")
-    opt = Neptune(model.parameters())
+    opt = Neptune(model.parameters(), **kwargs)
     x, y = _batch(0, "cuda")
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="capturable=True"):
-        with torch.cuda.graph(graph):
-            opt.step()
-
-
-@needs_cuda
-def test_capture_with_a_cpu_tensor_lr_raises():
-    model = _mlp(device="cuda")
-    opt = Neptune(model.parameters(), lr=torch.tensor(1e-2), capturable=True)
-    x, y = _batch(0, "cuda")
-    nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
-    graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="CUDA tensor"):
+    with pytest.raises(RuntimeError, match=message):
         with torch.cuda.graph(graph):
             opt.step()
 
