@@ -61,7 +61,7 @@ inline bool cpu_has_avx2() {
 }
 #else
 inline bool cpu_has_avx512() { return false; }
-inline bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+inline bool cpu_has_avx512bf16() { return false; }
 inline bool cpu_has_avx2() { return false; }
 #endif
 

@@ -152,10 +152,10 @@ template <> struct VStore<kF32> {
 template <> struct VStore<kBF16> {
   static void store(uint16_t* p, vf f) {
 #if defined(NEPTUNE_CPU_AVX512BF16)
-    const __m512i mag = (__m512i)((vu)f & 0x7FFFFFFFu);
-    const __mmask16 odd = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(mag, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFFFF)) |
-                          _mm512_cmpgt_epu32_mask(mag, _mm512_set1_epi32(0x7F800000));  // denormal | NaN
-    if (__builtin_expect(odd == 0, 1)) {
+    const vu mag = (vu)f & 0x7FFFFFFFu;
+    const __mmask16 denormal = _mm512_cmplt_epu32_mask((__m512i)(mag - 1u), _mm512_set1_epi32(0x7FFFFF));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask((__m512i)mag, _mm512_set1_epi32(0x7F800000));
+    if (__builtin_expect((denormal | nan) == 0, 1)) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)f));
       return;
     }
