@@ -147,7 +147,8 @@ template <> struct VStore<kF32> {
 };
 // AVX512-BF16's conversion rounds to nearest even too, but flushes denormals and keeps NaN
 // payloads: vectors holding either (never seen in training) take the emulation, so every
-// kernel set stores the same bits (checked for all 2^32 inputs, with and without DAZ/FTZ).
+// kernel set stores the same bits (tests/conversions_exhaustive.cpp: every float, with and
+// without DAZ/FTZ).
 // Integer compares find them: vfpclassps misses denormals under DAZ.
 template <> struct VStore<kBF16> {
   static void store(uint16_t* p, vf f) {
@@ -165,9 +166,9 @@ template <> struct VStore<kBF16> {
     store_u16(p, select((vu)(f != f), (vu){} + 0x7FC0u, rounded));
   }
 };
-// F16C's conversion rounds to nearest even as the emulation does (the same bits for all
-// 2^32 non-NaN inputs, with and without DAZ/FTZ) but keeps NaN payloads: vectors with a
-// NaN take the emulation. Its loads are exact, NaNs included.
+// F16C's conversion rounds to nearest even as the emulation does (the same bits for every
+// non-NaN float, with and without DAZ/FTZ: tests/conversions_exhaustive.cpp) but keeps NaN
+// payloads: vectors with a NaN take the emulation. Its loads give the emulation's bits.
 template <> struct VStore<kF16> {
   static void store(uint16_t* p, vf f) {
 #if NEPTUNE_CPU_WIDTH == 16
