@@ -250,6 +250,21 @@ template <> struct State<kF32> {
     *vp = v;
   }
 };
+// Lanes where a or b is NaN, as a bit mask (0: none).
+inline unsigned unordered_lanes(vf a, vf b) {
+#if NEPTUNE_CPU_WIDTH == 16
+  return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_UNORD_Q);
+#elif NEPTUNE_CPU_WIDTH == 8
+  return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_UNORD_Q));
+#elif defined(__x86_64__)
+  return (unsigned)_mm_movemask_ps(_mm_cmpunord_ps((__m128)a, (__m128)b));
+#else
+  unsigned r = 0;
+  for (int j = 0; j < kWidth; ++j) r |= (unsigned)(a[j] != a[j] || b[j] != b[j]) << j;
+  return r;
+#endif
+}
+
 template <> struct State<kBF16> {
   using T = uint16_t;
   static vf vload(const T* p) { return VLoad<kBF16>::load(p); }
@@ -262,17 +277,37 @@ template <> struct State<kBF16> {
   static void vstore2(T* mp, T* vp, int64_t index, vf m, vf v, uint32_t step) {
     vu iota;
     for (int j = 0; j < kWidth; ++j) iota[j] = (uint32_t)j;
-    const uint32_t lo0 = (uint32_t)index;
+    const uint32_t lo0 = (uint32_t)index, hi0 = (uint32_t)((uint64_t)index >> 32);
     const vu lo = ((vu){} + lo0) + iota;
-    const vu hi = ((vu){} + (uint32_t)((uint64_t)index >> 32)) - (vu)(lo < lo0);  // carry
-    vu x = lo ^ (hi * 0x85EBCA6Bu) ^ (step * 0x9E3779B9u);
+    vu x;
+    if (__builtin_expect(lo0 <= 0xFFFFFFFFu - (kWidth - 1), 1)) {  // no carry into hi: one key for all lanes
+      x = lo ^ ((hi0 * 0x85EBCA6Bu) ^ (step * 0x9E3779B9u));
+    } else {
+      const vu hi = ((vu){} + hi0) - (vu)(lo < lo0);
+      x = lo ^ (hi * 0x85EBCA6Bu) ^ (step * 0x9E3779B9u);
+    }
     x ^= x >> 16;
     x *= 0x7FEB352Du;
     x ^= x >> 15;
     x *= 0x846CA68Bu;
     x ^= x >> 16;
-    store_u16(mp, round(m, x & 0xFFFFu));
-    store_u16(vp, round(v, x >> 16));
+    if (__builtin_expect(unordered_lanes(m, v) != 0, 0)) {  // NaN moments (NaN gradients)
+      store_u16(mp, round(m, x & 0xFFFFu));
+      store_u16(vp, round(v, x >> 16));
+      return;
+    }
+    const vu rm = (vu)m + (x & 0xFFFFu), rv = (vu)v + (x >> 16);
+#if NEPTUNE_CPU_WIDTH == 16
+    // The upper halves of both in one permute: exp_avg's 16 in the low 256 bits, exp_avg_sq's above.
+    const __m512i idx = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27,
+                                         25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    const __m512i both = _mm512_permutex2var_epi16((__m512i)rm, idx, (__m512i)rv);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(mp), _mm512_castsi512_si256(both));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(vp), _mm512_extracti64x4_epi64(both, 1));
+#else
+    store_u16(mp, rm >> 16);
+    store_u16(vp, rv >> 16);
+#endif
   }
   static void store2(T* mp, T* vp, int64_t index, float m, float v, uint32_t step) {
     const uint32_t x = sr_hash((uint64_t)index, step);

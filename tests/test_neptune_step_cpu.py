@@ -116,12 +116,14 @@ def test_every_element_written():
                 assert not unchanged.any(), f"{name}[{i}] has unwritten elements"
 
 
-def test_isas_give_bitwise_identical_results(monkeypatch):
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_isas_give_bitwise_identical_results(monkeypatch, state_dtype):
     results = []
     for isa in ISAS:
         monkeypatch.setenv("NEPTUNE_CPU_ISA", isa)
         for dtype in DTYPES:
             P, G, M, V, S = make_case(SHAPES + LONG_SHAPES, dtype, seed=3)
+            M, V = [m.to(state_dtype) for m in M], [v.to(state_dtype) for v in V]
             neptune_step_(P, G, M, V, S, **HYPER)
             results.append((isa, dtype, P, M, V))
     by_dtype = {}
@@ -164,15 +166,17 @@ def _extreme_case(dtype, seed):
     return params, grads, exp_avgs, exp_avg_sqs, steps
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("flush_denormal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16bit_params_bitwise_across_isas_at_extremes(monkeypatch, dtype, flush_denormal):
+def test_16bit_params_bitwise_across_isas_at_extremes(monkeypatch, dtype, flush_denormal, state_dtype):
     runs = []
     try:
         torch.set_flush_denormal(flush_denormal)
         for isa in ISAS:
             monkeypatch.setenv("NEPTUNE_CPU_ISA", isa)
             P, G, M, V, S = _extreme_case(dtype, seed=11)
+            M, V = [m.to(state_dtype) for m in M], [v.to(state_dtype) for v in V]
             neptune_step_(P, G, M, V, S, lr=50.0, beta1=0.9, beta2=0.999, weight_decay=1e-4, eps=1e-8, clip=0.1,
                           cautious=True, maximize=False)
             runs.append((isa, P, M, V))
@@ -186,6 +190,7 @@ def test_16bit_params_bitwise_across_isas_at_extremes(monkeypatch, dtype, flush_
     assert p_all.isnan().any() and (p_all == -float("inf")).any() and (p_all.isfinite().mean(dtype=float) > 0.75)
     if dtype == torch.float16:
         assert (p_all[p_all.isfinite()].abs() > 6e4).any() and (p_all == float("inf")).any()
+    assert torch.cat([m.float().flatten() for m in ref[1]]).isnan().any()  # NaN moments too
     bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
     for isa, *out in runs[1:]:
         for name, a_list, b_list in zip("PMV", ref, out):
