@@ -1,6 +1,7 @@
 // CPU probe: where the time of one Neptune step goes on this machine, without torch.
 // Links the real per-ISA kernels (csrc/neptune_step_cpu_<isa>.cpp) and times, on one thread:
-//   1. each pass with its data in L2 (compute cost per element, best of the repetitions);
+//   1. each pass with its data in L2 (compute cost per element, best of the repetitions),
+//      and (1b) the same for 16-bit params and the memory-lean bf16 state;
 //   2. the same kernels streaming from DRAM, units of one length over 100 MB arrays:
 //      one pass (clip 0, no mask: AdamW) against Neptune's look-then-update per unit;
 //   3. the same two memory patterns with trivial arithmetic, to separate the cost of the
@@ -54,7 +55,27 @@ struct Arrays {
   }
 };
 
-CpuTensorArgs tensor_args(const Arrays& a, int64_t unit_len, float clip, int cautious) {
+// Converts the arrays in place to params of `dtype` and state of `state_dtype` (a 16-bit
+// array fills the first half of its buffer; forward, so no float is overwritten unread).
+uint16_t to_16(float f, int dtype) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return dtype == kF16 ? (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT) : (uint16_t)(u >> 16);
+}
+void convert(Arrays& a, int dtype, int state_dtype) {
+  const auto conv = [&](float* p, int d) {
+    if (d == kF32) return;
+    uint16_t* h = reinterpret_cast<uint16_t*>(p);
+    for (int64_t i = 0; i < a.n; ++i) h[i] = to_16(p[i], d);
+  };
+  conv(a.w, dtype);
+  conv(a.g, dtype);
+  conv(a.m, state_dtype);
+  conv(a.v, state_dtype);
+}
+
+CpuTensorArgs tensor_args(const Arrays& a, int64_t unit_len, float clip, int cautious, int dtype = kF32,
+                          int state_dtype = kF32) {
   CpuTensorArgs t{};
   t.w = a.w;
   t.g = a.g;
@@ -62,8 +83,8 @@ CpuTensorArgs tensor_args(const Arrays& a, int64_t unit_len, float clip, int cau
   t.v = a.v;
   t.numel = a.n;
   t.unit_len = unit_len;
-  t.dtype = kF32;
-  t.state_dtype = kF32;
+  t.dtype = dtype;
+  t.state_dtype = state_dtype;
   t.sr_step = 10;
   StepConsts& c = t.c;
   c.beta1 = 0.9f;
@@ -195,6 +216,34 @@ int main(int argc, char** argv) {
         200 * a.n, reps, /*minimum=*/true);
     std::printf("%8lld %8.3f %12.3f %8.3f %8.3f %12.3f %12.3f\n", (long long)L, med[0], med[1], med[2], med[3], med[4],
                 med[5]);
+  }
+
+  std::printf("\n1b. in L2 by param / state dtype (8 units of 2304), ns per element, best of the repetitions\n");
+  std::printf("%-12s %12s %8s %14s\n", "param/state", "norms+count", "update", "units-neptune");
+  {
+    const int64_t L = 2304;
+    const struct {
+      const char* name;
+      int dtype, state_dtype;
+    } kinds[] = {{"fp32/fp32", kF32, kF32}, {"bf16/fp32", kBF16, kF32}, {"fp16/fp32", kF16, kF32},
+                 {"fp32/bf16", kF32, kBF16}, {"bf16/bf16", kBF16, kBF16}};
+    for (const auto& kd : kinds) {
+      Arrays a(8 * L);
+      convert(a, kd.dtype, kd.state_dtype);
+      const CpuTensorArgs nep = tensor_args(a, L, 0.1f, 1, kd.dtype, kd.state_dtype);
+      float wq, gq;
+      int64_t cnt[2];
+      const auto rep = [](std::function<void()> f) {
+        return [f] {
+          for (int i = 0; i < 200; ++i) f();
+        };
+      };
+      const auto med = interleaved({rep([&] { k.norms(nep, 0, a.n, &wq, &gq, cnt); }),
+                                    rep([&] { k.update(nep, 0, a.n, 1.f, 0.5f); }),
+                                    rep([&] { k.units(nep, 0, 8, nullptr, 0); })},
+                                   200 * a.n, reps, /*minimum=*/true);
+      std::printf("%-12s %12.3f %8.3f %14.3f\n", kd.name, med[0], med[1], med[2]);
+    }
   }
 
   const int64_t n = quick ? (1 << 22) : (25 << 20);

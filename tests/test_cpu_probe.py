@@ -18,8 +18,11 @@ def test_cpu_probe_quick(tmp_path):
     subprocess.run(["bash", "bench/cpu_probe.sh", "1", "quick"], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=600)
     text = out.read_text()
-    for section in ("1. in L2", "2-3. streaming from DRAM (16 MB per array)", "4. one core"):
+    for section in ("1. in L2", "1b. in L2 by param / state dtype", "2-3. streaming from DRAM (16 MB per array)", "4. one core"):
         assert section in text, text
     rows = [line.split() for line in text.splitlines() if re.match(r"^\s+\d+\s", line)]
     assert [int(r[0]) for r in rows] == [576, 2304, 4608, 256, 576, 1024, 2304, 4608], text
     assert all(float(x) > 0 for r in rows for x in r[1:]), text
+    kinds = [line.split() for line in text.splitlines() if re.match(r"^(fp32|bf16|fp16)/", line)]
+    assert [r[0] for r in kinds] == ["fp32/fp32", "bf16/fp32", "fp16/fp32", "fp32/bf16", "bf16/bf16"], text
+    assert all(float(x) > 0 for r in kinds for x in r[1:]), text
