@@ -238,7 +238,9 @@ def test_cuda_graph_capture_matches_eager():
     side.wait_stream(torch.cuda.current_stream())
     snapshot = clone_all(graphed)
     with torch.cuda.stream(side):
-        step_dev(graphed, h, grad_scale=gs, found_inf=fi)  # warm-up (uploads outside the graph)
+        # warm-up on a side stream, as torch advises; tables are per stream, so the capture
+        # (on torch.cuda.graph's own stream) uploads its own, inside the graph
+        step_dev(graphed, h, grad_scale=gs, found_inf=fi)
     torch.cuda.current_stream().wait_stream(side)
     for d_list, s_list in zip(graphed, snapshot):
         for d, s in zip(d_list, s_list):
