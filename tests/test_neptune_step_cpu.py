@@ -139,11 +139,10 @@ def test_isas_give_bitwise_identical_results(monkeypatch, state_dtype):
 
 def _extreme_case(dtype, seed):
     """Weights over the exponent range of `dtype` (down to its denormals; for fp16 up to
-    its max), one unit with NaN gradients and one with -inf and NaN-with-payload weights:
-    the stored weights include denormals (masked elements: W * decay), overflow (fp16,
-    lr 50) and NaNs, where
-    the hardware 16-bit conversions (F16C, AVX512-BF16) differ from the emulated ones
-    unless the kernel steps around them."""
+    its max), a unit with NaN gradients, one with -inf weights, one with NaN-with-payload
+    weights. The stored weights include denormals (masked elements: W * decay), overflow
+    (fp16, lr 50) and NaNs, where the hardware 16-bit conversions (F16C, AVX512-BF16)
+    differ from the emulated ones unless the kernel steps around them."""
     gen = torch.Generator().manual_seed(seed)
     info = torch.finfo(dtype)
     lo, hi = math.log2(info.smallest_normal) - 6, min(math.log2(info.max), 60.0)  # |W|^2 finite in fp32
