@@ -3,11 +3,14 @@ sets and checks the files it writes, plus the shapes of the named parameter sets
 import csv
 import importlib.util
 import math
+import subprocess
 import os
 import sys
 
 import pytest
 import torch
+
+import neptune_ext
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
@@ -115,3 +118,14 @@ def test_bench_step_blocked_mode(tmp_path):
     for r in rows:
         assert r["mode"] == "blocked" and r["reps"] == 4 and r["median_ms"] > 0
         assert r["bytes_per_step"] == 28 * r["n_params"]
+
+
+@pytest.mark.skipif(not neptune_ext.has_kernel("cpu"), reason="CPU extension not built")
+def test_cpu_isa_ab_quick():
+    """bench/cpu_isa_ab.py times the scalar and the best kernel set on a tiny set."""
+    isas = torch.ops.neptune_ext.cpu_isa()  # the best set; scalar runs everywhere
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "cpu_isa_ab.py"), "--quick", "--steps", "3",
+                          "--isas", f"scalar,{isas}", "--dtype", "bf16"], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    rows = [line.split() for line in out.splitlines() if "median" in line]
+    assert [r[0] for r in rows] == ["scalar", isas] and all(float(r[2]) > 0 for r in rows), out
