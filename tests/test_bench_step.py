@@ -1,10 +1,11 @@
-"""Smoke test of the step microbenchmark (bench/bench_step.py): runs its main() on tiny
-sets and checks the files it writes, plus the shapes of the named parameter sets."""
+"""Smoke tests of the step microbenchmark (bench/bench_step.py: runs its main() on tiny
+sets and checks the files it writes, plus the shapes of the named parameter sets) and of
+bench/cpu_isa_ab.py."""
 import csv
 import importlib.util
 import math
-import subprocess
 import os
+import subprocess
 import sys
 
 import pytest
