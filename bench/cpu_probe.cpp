@@ -121,6 +121,14 @@ std::vector<double> interleaved(const std::vector<std::function<void()>>& fns, i
   return med;
 }
 
+// In-cache timings: each repetition runs `f` kInCacheReps times over the same arrays.
+constexpr int kInCacheReps = 200;
+std::function<void()> rep(std::function<void()> f) {
+  return [f] {
+    for (int i = 0; i < kInCacheReps; ++i) f();
+  };
+}
+
 // Whole-unit stepping of a tensor as the operator does on one thread.
 void step_units(const CpuKernels& k, const CpuTensorArgs& t) {
   const int64_t per_task = std::max<int64_t>(1, (1 << 18) / t.unit_len), units = t.numel / t.unit_len;
@@ -201,11 +209,6 @@ int main(int argc, char** argv) {
     const CpuTensorArgs nep = tensor_args(a, L, 0.1f, 1), adamw = tensor_args(a, L, 0.f, 0);
     float wq, gq;
     int64_t cnt[2];
-    const auto rep = [](std::function<void()> f) {
-      return [f] {
-        for (int i = 0; i < 200; ++i) f();
-      };
-    };
     const auto med = interleaved(
         {rep([&] { k.norms(nep, 0, a.n, &wq, &gq, nullptr); }),
          rep([&] { k.norms(nep, 0, a.n, &wq, &gq, cnt); }),
@@ -213,7 +216,7 @@ int main(int argc, char** argv) {
          rep([&] { k.update(nep, 0, a.n, 1.f, 0.5f); }),
          rep([&] { k.units(adamw, 0, 8, nullptr, 0); }),
          rep([&] { k.units(nep, 0, 8, nullptr, 0); })},
-        200 * a.n, reps, /*minimum=*/true);
+        kInCacheReps * a.n, reps, /*minimum=*/true);
     std::printf("%8lld %8.3f %12.3f %8.3f %8.3f %12.3f %12.3f\n", (long long)L, med[0], med[1], med[2], med[3], med[4],
                 med[5]);
   }
@@ -233,15 +236,10 @@ int main(int argc, char** argv) {
       const CpuTensorArgs nep = tensor_args(a, L, 0.1f, 1, kd.dtype, kd.state_dtype);
       float wq, gq;
       int64_t cnt[2];
-      const auto rep = [](std::function<void()> f) {
-        return [f] {
-          for (int i = 0; i < 200; ++i) f();
-        };
-      };
       const auto med = interleaved({rep([&] { k.norms(nep, 0, a.n, &wq, &gq, cnt); }),
                                     rep([&] { k.update(nep, 0, a.n, 1.f, 0.5f); }),
                                     rep([&] { k.units(nep, 0, 8, nullptr, 0); })},
-                                   200 * a.n, reps, /*minimum=*/true);
+                                   kInCacheReps * a.n, reps, /*minimum=*/true);
       std::printf("%-12s %12.3f %8.3f %14.3f\n", kd.name, med[0], med[1], med[2]);
     }
   }
