@@ -54,6 +54,34 @@ def resolve_cuda_home() -> str | None:
     return None
 
 
+# The kernels pass a 32,000-byte argument (the table upload): CUDA 12.1 raised the limit
+# on kernel parameters from 4 KB to 32 KB.
+MIN_CUDA = (12, 1)
+
+
+def nvcc_version(cuda_home: str) -> tuple[int, int] | None:
+    """(major, minor) of the toolkit's nvcc, or None if it cannot be run."""
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def check_cuda_version(version: tuple[int, int] | None, cuda_home: str) -> None:
+    """Fail the build with a clear message for a toolkit older than MIN_CUDA."""
+    if version is not None and version < MIN_CUDA:
+        sys.exit(
+            f"neptune_ext's CUDA kernels need CUDA {MIN_CUDA[0]}.{MIN_CUDA[1]} or newer (32 KB kernel "
+            f"parameters); the toolkit at {cuda_home} has nvcc {version[0]}.{version[1]}. Point CUDA_HOME at a "
+            "newer toolkit, or build without CUDA: NEPTUNE_BUILD_CUDA=0"
+        )
+
+
 def want_cuda() -> bool:
     flag = os.environ.get("NEPTUNE_BUILD_CUDA", "").strip().lower()
     if flag in ("0", "false", "off", "no"):
@@ -77,6 +105,8 @@ def main() -> None:
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
     build_cuda = want_cuda()
+    if build_cuda:
+        check_cuda_version(nvcc_version(cuda_home), cuda_home)
 
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -90,6 +120,10 @@ def main() -> None:
     cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi", "-fopenmp"]
     cpu_sources = [
         "neptune_ops.cpp",
+        # The CUDA kernels on the CPU, under the SIMT emulator (a testing backend).
+        "simt/scheduler.cpp",
+        "simt/step_emulated.cpp",
+        "simt/step_simt_op.cpp",
         "neptune_step_cpu.cpp",
         "neptune_step_cpu_scalar.cpp",
         "neptune_step_cpu_avx2.cpp",
@@ -142,4 +176,5 @@ def main() -> None:
     )
 
 
-main()
+if __name__ == "__main__":  # also when pip runs it; tests import the helpers above
+    main()

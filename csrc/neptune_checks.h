@@ -5,8 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <optional>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "neptune_math.h"
 
@@ -51,6 +53,23 @@ inline bool units_are_spans(const at::Tensor& p) {
   return true;
 }
 
+// One step counter per param: a counter shared by two params would be counted twice by the
+// CPU operator and once, racily, by the CUDA one. Refused before anything is written.
+inline void check_distinct_steps(at::TensorList steps) {
+  const size_t n = steps.size();
+  if (n < 2) return;
+  std::vector<const void*> ptrs(n);
+  for (size_t i = 0; i < n; ++i) ptrs[i] = steps[i].data_ptr();
+  std::sort(ptrs.begin(), ptrs.end());
+  const auto dup = std::adjacent_find(ptrs.begin(), ptrs.end());
+  if (dup == ptrs.end()) return;
+  size_t first = n, second = n;
+  for (size_t i = 0; i < n && second == n; ++i)
+    if (steps[i].data_ptr() == *dup) (first == n ? first : second) = i;
+  TORCH_CHECK_VALUE(false, "neptune_step_: steps[", first, "] and steps[", second,
+                    "] are the same counter; every param needs its own step tensor");
+}
+
 // allow_bf16_state: exp_avg / exp_avg_sq may be bfloat16 (the memory-lean variant).
 inline void check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList steps,
@@ -92,6 +111,7 @@ inline void check_lists(at::TensorList params, at::TensorList grads, at::TensorL
                 "neptune_step_: params[", i, "] has strides ", p.strides(), " but grad ", g.strides(), ", exp_avg ",
                 m.strides(), ", exp_avg_sq ", v.strides(), "; they must match");
   }
+  check_distinct_steps(steps);
 }
 
 inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name, c10::DeviceType device_type) {

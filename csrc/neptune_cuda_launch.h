@@ -3,7 +3,11 @@
 // raw pointers, plain structs and a cudaStream_t.
 #pragma once
 
+#if defined(NEPTUNE_SIMT)
+#include "simt/runtime_api.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 #include <stdint.h>
 
 #include "neptune_cuda_plan.h"

@@ -1,9 +1,11 @@
-// Operator schemas of neptune_ext (implementations: neptune_step_cpu.cpp, neptune_step_cuda.cpp).
+// Operator schemas of neptune_ext (implementations: neptune_step_cpu.cpp, neptune_step_cuda_register.cpp).
 // Shaped like aten::_fused_adamw_: tensor lists, keyword hyperparameters, an overload
 // taking lr as a tensor, and GradScaler's grad_scale / found_inf. The op increments
 // `steps` itself, so a found_inf step can leave it unchanged without a host sync.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "neptune_schema.h"
 
 extern "C" {
 // A Python module whose import loads this library and runs the registrations below.
@@ -13,14 +15,7 @@ PyObject* PyInit__C(void) {
 }
 }
 
-#define NEPTUNE_STEP_ARGS                                                                          \
-  "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "       \
-  "Tensor(d!)[] steps, *, "
-#define NEPTUNE_STEP_KWARGS                                                                        \
-  "float beta1, float beta2, float weight_decay, float eps, float clip, bool cautious, "          \
-  "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
-
 TORCH_LIBRARY(neptune_ext, m) {
-  m.def("neptune_step_(" NEPTUNE_STEP_ARGS "float lr, " NEPTUNE_STEP_KWARGS);
-  m.def("neptune_step_.tensor_lr(" NEPTUNE_STEP_ARGS "Tensor lr, " NEPTUNE_STEP_KWARGS);
+  m.def("neptune_step_(" NEPTUNE_STEP_ARGS "float lr, " NEPTUNE_STEP_KWARGS ") -> ()");
+  m.def("neptune_step_.tensor_lr(" NEPTUNE_STEP_ARGS "Tensor lr, " NEPTUNE_STEP_KWARGS ") -> ()");
 }

@@ -13,9 +13,21 @@
 //    memory in warp order): no floating-point atomics, bitwise reproducible.
 //  - Step counters are read (t = step + 1) by every launch and incremented by the last,
 //    small launch; found_inf is read on the device and skips every launch.
+#if defined(NEPTUNE_SIMT)
+#include "simt/dialect.h"  // the host compiler's CUDA: this file then runs on the CPU, emulated
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+// The kernel-parameter table upload below passes 32,000 bytes of arguments: CUDA 12.1+.
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ < 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ < 1))
+#error "neptune_ext's CUDA kernels need CUDA 12.1 or newer (32 KB kernel parameters); set CUDA_HOME to a newer toolkit"
+#endif
+// Every launch and every static shared array go through these macros, so that the SIMT
+// emulator can supply its own.
+#define NEPTUNE_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#define NEPTUNE_SHARED(T, name, n) __shared__ T name[n]
+#endif
 #include <limits.h>
 #include <string.h>
 
@@ -170,8 +182,10 @@ __device__ __forceinline__ void traverse(const DevTensor& t, int64_t b, int64_t 
     }
   };
   for (int64_t i = tid; i < h; i += nthr) scalar(i);
-  // bf16 state: no unrolling (the rounding's hashes would spill registers in the update pass).
-#pragma unroll(S == kBF16 ? 1 : 2)
+  // Unrolled twice only for 4-element vectors (all fp32): 8-element ones (16-bit params or
+  // state) hold twice the data, and unrolled they spill under the 80-register bound of
+  // __launch_bounds__(256, 3), as do the bf16 state's rounding hashes.
+#pragma unroll((S == kBF16 || VEC == 8) ? 1 : 2)
   for (int64_t k = tid; k < nv; k += nthr) {
     const int64_t i = h + k * VEC;
     float wf[VEC], gf[VEC], mf[VEC], vf[VEC];
@@ -206,7 +220,8 @@ __device__ __forceinline__ void group_sum2(V& a, V& b) {
   a = warp_sum(a);
   b = warp_sum(b);
   if constexpr (BLOCK) {
-    __shared__ V sa[kWarpsPerBlock], sb[kWarpsPerBlock];
+    NEPTUNE_SHARED(V, sa, kWarpsPerBlock);
+    NEPTUNE_SHARED(V, sb, kWarpsPerBlock);
     const int warp = threadIdx.x / kWarpSize;
     if ((threadIdx.x % kWarpSize) == 0) {
       sa[warp] = a;
@@ -471,7 +486,7 @@ cudaError_t neptune_cuda_upload(void* dst, const void* src, int64_t bytes, cudaS
     u.dst = static_cast<unsigned char*>(dst) + off;
     u.n = (int32_t)nb;
     memcpy(u.bytes, static_cast<const unsigned char*>(src) + off, (size_t)nb);
-    neptune_upload_kernel<<<(unsigned)((nb + 255) / 256), 256, 0, stream>>>(u);
+    NEPTUNE_LAUNCH(neptune_upload_kernel, (unsigned)((nb + 255) / 256), 256, stream, u);
     ++count;
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) {
@@ -493,17 +508,17 @@ cudaError_t neptune_cuda_step(const StepArgs& args, int64_t main_blocks, int64_t
     switch (seq[k].kind) {
       case kLaunchMain:
         if (args.lean)
-          neptune_main_kernel<true><<<grid, kThreads, 0, stream>>>(args, seq[k].role);
+          NEPTUNE_LAUNCH(neptune_main_kernel<true>, grid, kThreads, stream, args, seq[k].role);
         else
-          neptune_main_kernel<false><<<grid, kThreads, 0, stream>>>(args, seq[k].role);
+          NEPTUNE_LAUNCH(neptune_main_kernel<false>, grid, kThreads, stream, args, seq[k].role);
         break;
       case kLaunchLong:
         if (args.lean)
-          neptune_long_kernel<true><<<grid, kThreads, 0, stream>>>(args, seq[k].role);
+          NEPTUNE_LAUNCH(neptune_long_kernel<true>, grid, kThreads, stream, args, seq[k].role);
         else
-          neptune_long_kernel<false><<<grid, kThreads, 0, stream>>>(args, seq[k].role);
+          NEPTUNE_LAUNCH(neptune_long_kernel<false>, grid, kThreads, stream, args, seq[k].role);
         break;
-      default: neptune_steps_kernel<<<grid, kStepsThreads, 0, stream>>>(args); break;
+      default: NEPTUNE_LAUNCH(neptune_steps_kernel, grid, kStepsThreads, stream, args); break;
     }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;

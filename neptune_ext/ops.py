@@ -115,6 +115,43 @@ def neptune_step_(
     )
 
 
+def neptune_step_simt_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    clip: float,
+    cautious: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    schedule: int = 0,
+) -> None:
+    """Testing aid: the CUDA operator's whole path on CPU tensors.
+
+    The same validation, plan and argument table as the CUDA backend, then the unchanged
+    CUDA kernels run by a SIMT emulator on the CPU (every CUDA thread a fiber). `schedule`
+    orders blocks and threads: 0 ascending, 1 descending, k >= 2 random (seed k); correct
+    kernels give bitwise the same result under every schedule. Kernel bugs the emulator
+    detects (a shuffle or barrier that not every thread reaches, a misaligned vector
+    access) raise RuntimeError naming the file and line. Slow: for tests, not training.
+    """
+    op = torch.ops.neptune_ext._neptune_step_simt_
+    overload = op.tensor_lr if isinstance(lr, Tensor) else op.default
+    overload(
+        params, grads, exp_avgs, exp_avg_sqs, steps,
+        lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, clip=clip,
+        cautious=cautious, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, schedule=schedule,
+    )
+
+
 if HAS_CPU_EXT:
     # In-place op with no outputs: its fake (meta) implementation has nothing to compute.
     @torch.library.register_fake(OP_NAME)

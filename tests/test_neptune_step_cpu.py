@@ -323,8 +323,10 @@ def _valid_lists():
         (lambda L: L[4].__setitem__(1, torch.zeros(2)), "steps"),
         (lambda L: L[0].__setitem__(1, torch.zeros(6, dtype=torch.int32)), "dtype"),
         (lambda L: [L[i].__setitem__(1, torch.zeros(6, 2)[:, 0]) for i in (0, 1, 2, 3)], "dense"),
+        (lambda L: L[4].__setitem__(1, L[4][0]), r"steps\[0\] and steps\[1\] are the same counter"),
     ],
-    ids=["length", "state-dtype", "grad-dtype", "grad-shape", "state-shape", "step", "int-param", "strided"],
+    ids=["length", "state-dtype", "grad-dtype", "grad-shape", "state-shape", "step", "int-param", "strided",
+         "shared-step"],
 )
 def test_invalid_lists_raise_and_change_nothing(mutate, message):
     lists = list(_valid_lists())

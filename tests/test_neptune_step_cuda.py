@@ -1,7 +1,16 @@
-"""The CUDA operator against the reference, the CPU operator and itself (needs a GPU).
+"""The CUDA operator against the reference, the CPU operator and itself.
+
+Every test that does not need real hardware runs on two backends:
+- "simt": the unchanged CUDA kernels on the CPU under the SIMT emulator
+  (torch.ops.neptune_ext._neptune_step_simt_, CPU tensors), in every CI run. Each step runs
+  under four schedules (blocks and threads in ascending, descending and two random
+  orders) and the outputs must agree bitwise: a race between threads or blocks shows.
+- "cuda": the real kernels on a GPU (skipped without one).
+Tests of what only hardware has (streams, CUDA graphs, launch counts, sync-free steps,
+tensors over 2^31 elements) run on "cuda" only.
 
 Inputs come from neptune_inputs (random with random signs, moved away from the rule's
-discontinuities). Multi-step tests resynchronise the CUDA state to the reference state
+discontinuities). Multi-step tests resynchronise the device state to the reference state
 before every step, so that they test steps > 1 (bias corrections, cautious masks on a
 nonzero momentum) without chaotic divergence between two correct implementations.
 """
@@ -16,23 +25,81 @@ from neptune_inputs import (
     assert_nonfinite_close, assert_param_close, assert_state_close, clone_all, make_case, make_grads, ulp_diff,
 )
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-DEV = "cuda"
+HAS_GPU = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Odd sizes; warp units (<= 2048), block units (<= 16384), chunked units (longer);
 # rows misaligned for 16-byte vectors (1031); zero-size tensors mixed in.
 SHAPES = [(), (1,), (7,), (0,), (1031,), (64, 3, 3, 3), (5, 1031), (3, 0, 2), (4, 5000), (2, 16385),
           (3, 70000), (200000,)]
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05)
+SCHEDULES = (0, 1, 2, 3)  # the emulator's orders: ascending, descending, two seeded random
+# The emulator runs every step four times and the reference is float64 on the CPU: the same
+# kinds of unit with fewer elements (chunked: 2 x 3 chunks, 1 x 4 chunks).
+SIMT_SHAPES = [(), (1,), (7,), (0,), (1031,), (64, 3, 3, 3), (5, 1031), (3, 0, 2), (4, 5000), (2, 16385),
+               (2, 40000), (50000,)]
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def _twin(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t at the same offset into a fresh buffer: the same 16-byte alignment."""
+    buf = torch.empty(t.storage_offset() + max(t.numel(), 1), dtype=t.dtype, device=t.device)
+    return buf.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(t)
+
+
+class Backend:
+    def __init__(self, name: str):
+        self.name = name
+        self.dev = "cuda" if name == "cuda" else "cpu"
+        self.shapes = SHAPES if name == "cuda" else SIMT_SHAPES
+        self.big = 1 << 20 if name == "cuda" else 1 << 17  # elements of the reproducibility test's long unit
+        self.many = 5000 if name == "cuda" else 1000  # tensors of the many-tensors test
+        self.lean_shapes = self.shapes + [(33, 33)]
+
+    def to_dev(self, lists):
+        # copies, also on the CPU: the emulated step must not write the caller's tensors
+        return [[t.to(self.dev, copy=True) for t in lst] for lst in lists]
+
+    def step(self, lists, h, grad_scale=None, found_inf=None):
+        p, g, m, v, s = lists
+        if self.name == "cuda":
+            neptune_step_(p, g, m, v, s, **h, grad_scale=grad_scale, found_inf=found_inf)
+            return
+        others = []
+        for sched in SCHEDULES[1:]:  # on twins, then schedule 0 in place
+            twin = [[_twin(t) for t in lst] for lst in lists]
+            neptune_ext.ops.neptune_step_simt_(*twin, **h, grad_scale=grad_scale, found_inf=found_inf, schedule=sched)
+            others.append(twin)
+        neptune_ext.ops.neptune_step_simt_(p, g, m, v, s, **h, grad_scale=grad_scale, found_inf=found_inf,
+                                           schedule=SCHEDULES[0])
+        for sched, twin in zip(SCHEDULES[1:], others):
+            for k, (a_list, b_list) in enumerate(zip(lists, twin)):
+                for i, (a, b) in enumerate(zip(a_list, b_list)):
+                    assert torch.equal(_bytes(a), _bytes(b)), (
+                        f"schedule {sched} differs from schedule 0: list {k}, tensor {i} {tuple(a.shape)}")
+
+    def table_uploads(self) -> int:
+        op = torch.ops.neptune_ext._cuda_table_uploads if self.name == "cuda" else torch.ops.neptune_ext._simt_table_uploads
+        return int(op())
+
+
+@pytest.fixture(params=["simt", pytest.param("cuda", marks=cuda_only)])
+def be(request):
+    return Backend(request.param)
+
+
+# CUDA-only tests use these.
+CUDA = Backend("cuda")
+DEV = "cuda"
+to_dev = CUDA.to_dev
+step_dev = CUDA.step
 
 
 def hyper(clip=0.1, cautious=True, maximize=False, **kw):
     return dict(HYPER, clip=clip, cautious=cautious, maximize=maximize, **kw)
-
-
-def to_dev(lists):
-    return [[t.to(DEV) for t in lst] for lst in lists]
 
 
 def assert_case_close(dev_lists, ref_lists, what=""):
@@ -45,17 +112,12 @@ def assert_case_close(dev_lists, ref_lists, what=""):
         assert torch.equal(s[i].cpu(), rs[i]), f"{what} step {i}"
 
 
-def step_dev(lists, h, grad_scale=None, found_inf=None):
-    p, g, m, v, s = lists
-    neptune_step_(p, g, m, v, s, **h, grad_scale=grad_scale, found_inf=found_inf)
-
-
-def run_vs_reference(shapes, dtype, h, *, n_steps=3, seed=0, grad_scale=None):
+def run_vs_reference(be, shapes, dtype, h, *, n_steps=3, seed=0, grad_scale=None):
     ref = list(make_case(shapes, dtype, seed=seed, clip=h["clip"], beta1=h["beta1"], maximize=h["maximize"],
                          grad_scale=grad_scale or 1.0))
-    dev = to_dev(ref)
+    dev = be.to_dev(ref)
     gen = torch.Generator().manual_seed(seed + 1)
-    gs_dev = None if grad_scale is None else torch.tensor(grad_scale, device=DEV)
+    gs_dev = None if grad_scale is None else torch.tensor(grad_scale, device=be.dev)
     gs_ref = None if grad_scale is None else torch.tensor(grad_scale)
     for k in range(n_steps):
         if k > 0:  # fresh edge-safe gradients for the reference's state; resync the device state
@@ -65,12 +127,13 @@ def run_vs_reference(shapes, dtype, h, *, n_steps=3, seed=0, grad_scale=None):
             for d_list, r_list in zip(dev, ref):
                 for d, r in zip(d_list, r_list):
                     d.copy_(r)  # in place: same pointers, so the cached device table is reused
-        step_dev(dev, h, grad_scale=gs_dev)
+        be.step(dev, h, grad_scale=gs_dev)
         neptune_step_reference_multi(*ref, **h, grad_scale=gs_ref)
         assert_case_close(dev, ref, f"step {k + 1}")
     return dev, ref
 
 
+@cuda_only
 def test_cuda_kernel_registered():
     assert neptune_ext.has_kernel("cuda"), neptune_ext.ops.describe_build()
 
@@ -78,12 +141,12 @@ def test_cuda_kernel_registered():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("clip", [0.0, 0.1])
 @pytest.mark.parametrize("cautious", [False, True])
-def test_matches_reference(dtype, clip, cautious):
-    run_vs_reference(SHAPES, dtype, hyper(clip=clip, cautious=cautious))
+def test_matches_reference(be, dtype, clip, cautious):
+    run_vs_reference(be, be.shapes, dtype, hyper(clip=clip, cautious=cautious))
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.1], ids=["no-clip", "clip"])
-def test_nonfinite_grads_match_reference(clip):
+def test_nonfinite_grads_match_reference(be, clip):
     """As on the CPU: NaN / inf gradient elements count as active, a NaN norm makes the
     unit NaN, and the mask multiplies, so no NaN is masked away (warp, block and chunked
     units)."""
@@ -97,9 +160,9 @@ def test_nonfinite_grads_match_reference(clip):
     g[2][0, 33] = float("nan")
     g[3][1, 16000] = float("nan")
     g[4][69999] = float("inf")
-    dev = to_dev(ref)
+    dev = be.to_dev(ref)
     h = hyper(clip=clip)
-    step_dev(dev, h)
+    be.step(dev, h)
     neptune_step_reference_multi(*ref, **h)
     for k, name in ((0, "param"), (2, "exp_avg"), (3, "exp_avg_sq")):
         for i, (got, want) in enumerate(zip(dev[k], ref[k])):
@@ -107,36 +170,36 @@ def test_nonfinite_grads_match_reference(clip):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_maximize_and_grad_scale(dtype):
-    run_vs_reference(SHAPES, dtype, hyper(maximize=True), grad_scale=1024.0, seed=5)
-    run_vs_reference(SHAPES, dtype, hyper(maximize=False), grad_scale=4096.0, seed=6, n_steps=2)
+def test_maximize_and_grad_scale(be, dtype):
+    run_vs_reference(be, be.shapes, dtype, hyper(maximize=True), grad_scale=1024.0, seed=5)
+    run_vs_reference(be, be.shapes, dtype, hyper(maximize=False), grad_scale=4096.0, seed=6, n_steps=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_cpu_op(dtype):
+def test_matches_cpu_op(be, dtype):
     h = hyper()
-    cpu = make_case(SHAPES, dtype, seed=11)
-    dev = to_dev(cpu)
+    cpu = make_case(be.shapes, dtype, seed=11)
+    dev = be.to_dev(cpu)
     neptune_step_(*cpu, **h)
-    step_dev(dev, h)
+    be.step(dev, h)
     assert_case_close(dev, cpu, "cuda vs cpu op")
 
 
-def test_bitwise_reproducible():
+def test_bitwise_reproducible(be):
     h = hyper()
-    base = make_case(SHAPES + [(1 << 20,), (300, 700)], torch.float32, seed=3)
+    base = make_case(be.shapes + [(be.big,), (300, 700)], torch.float32, seed=3)
     outs = []
     for _ in range(2):
-        dev = to_dev(clone_all(base))
+        dev = be.to_dev(clone_all(base))
         for _ in range(3):
-            step_dev(dev, h)
+            be.step(dev, h)
         outs.append(dev)
     for a_list, b_list in zip(outs[0], outs[1]):
         for a, b in zip(a_list, b_list):
             assert torch.equal(a, b)
 
 
-def test_every_element_written():
+def test_every_element_written(be):
     # Nonzero W and G everywhere, decay > 0: (almost) every element of W, M and V changes.
     # An element the kernel skipped keeps its old value; beyond matching the reference, every
     # element left unchanged on the device must be one the reference leaves unchanged too
@@ -147,9 +210,9 @@ def test_every_element_written():
     ref = make_case(shapes, torch.float32, seed=2, zero_frac=0.0)
     for g in ref[1]:
         g[g == 0] = 1e-3
-    dev = to_dev(ref)
+    dev = be.to_dev(ref)
     before = clone_all(ref)
-    step_dev(dev, h)
+    be.step(dev, h)
     neptune_step_reference_multi(*ref, **h)
     assert_case_close(dev, ref)
     for k in (0, 2, 3):
@@ -160,17 +223,17 @@ def test_every_element_written():
             assert int(same_dev.sum()) <= max(2, old.numel() // 10000)
 
 
-def test_many_tensors_one_step():
+def test_many_tensors_one_step(be):
     h = hyper()
     gen = torch.Generator().manual_seed(0)
     shapes = []
-    for i in range(5000):
+    for i in range(be.many):
         r = int(torch.randint(0, 4, (1,), generator=gen))
         n = int(torch.randint(1, 400, (1,), generator=gen))
         shapes.append([(n,), (3, n), (n, 3, 3), (0,)][r])
     ref = make_case(shapes, torch.float32, seed=4)
-    dev = to_dev(ref)
-    step_dev(dev, h)
+    dev = be.to_dev(ref)
+    be.step(dev, h)
     neptune_step_reference_multi(*ref, **h)
     assert_case_close(dev, ref)
 
@@ -185,6 +248,7 @@ def _neptune_kernel_launches(fn):
     return [e.name for e in prof.events() if "neptune" in e.name and e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+@cuda_only
 def test_many_small_two_launches_per_step():
     n = 10_000
     p = [torch.randn(1000, device=DEV) for _ in range(n)]
@@ -194,39 +258,40 @@ def test_many_small_two_launches_per_step():
     s = [torch.zeros((), device=DEV) for _ in range(n)]
     h = hyper()
     neptune_step_(p, g, m, v, s, **h)  # first step uploads the table
-    uploads = torch.ops.neptune_ext._cuda_table_uploads()
+    uploads = CUDA.table_uploads()
     names = _neptune_kernel_launches(lambda: neptune_step_(p, g, m, v, s, **h))
-    assert torch.ops.neptune_ext._cuda_table_uploads() == uploads, "steady state re-uploaded the table"
+    assert CUDA.table_uploads() == uploads, "steady state re-uploaded the table"
     assert len(names) <= 2, names
     assert all(float(x) == 2.0 for x in torch.stack(s[:10]).cpu())
 
 
-def test_found_inf_changes_nothing():
+def test_found_inf_changes_nothing(be):
     h = hyper()
-    ref = make_case(SHAPES, torch.float32, seed=8)
-    dev = to_dev(ref)
+    ref = make_case(be.shapes, torch.float32, seed=8)
+    dev = be.to_dev(ref)
     before = clone_all(dev)
-    step_dev(dev, h, found_inf=torch.ones((), device=DEV))
+    be.step(dev, h, found_inf=torch.ones((), device=be.dev))
     for a_list, b_list in zip(dev, before):
         for a, b in zip(a_list, b_list):
             assert torch.equal(a, b)
     # and found_inf == 0 steps normally
-    step_dev(dev, h, found_inf=torch.zeros((), device=DEV))
+    be.step(dev, h, found_inf=torch.zeros((), device=be.dev))
     neptune_step_reference_multi(*ref, **h)
     assert_case_close(dev, ref)
 
 
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
-def test_tensor_lr_on_device(lr_dtype):
+def test_tensor_lr_on_device(be, lr_dtype):
     h = hyper()
-    ref = make_case(SHAPES, torch.bfloat16, seed=9)
-    dev = to_dev(ref)
+    ref = make_case(be.shapes, torch.bfloat16, seed=9)
+    dev = be.to_dev(ref)
     lr = torch.tensor(h["lr"], dtype=lr_dtype)
-    step_dev(dev, dict(h, lr=lr.to(DEV)))
+    be.step(dev, dict(h, lr=lr.to(be.dev)))
     neptune_step_reference_multi(*ref, **dict(h, lr=float(lr)))
     assert_case_close(dev, ref)
 
 
+@cuda_only
 def test_cuda_graph_capture_matches_eager():
     h = hyper()
     base = make_case(SHAPES, torch.float32, seed=12)
@@ -264,21 +329,21 @@ def test_cuda_graph_capture_matches_eager():
             assert torch.equal(a, b)
 
 
-def test_bad_call_writes_nothing():
+def test_bad_call_writes_nothing(be):
     h = hyper()
-    dev = to_dev(make_case([(5, 7), (9,)], torch.float32, seed=1))
+    dev = be.to_dev(make_case([(5, 7), (9,)], torch.float32, seed=1))
     before = clone_all(dev)
     dev[2][1] = dev[2][1].double()  # wrong state dtype on the second tensor
     with pytest.raises(RuntimeError):
-        step_dev(dev, h)
+        be.step(dev, h)
     for k in (0, 3, 4):
         for a, b in zip(dev[k], before[k]):
             assert torch.equal(a, b)
 
 
-def _offset_view(t, offset):
+def _offset_view(t, offset, device):
     """t's values in a fresh buffer on the device, `offset` elements into it."""
-    buf = torch.zeros(t.numel() + offset, dtype=t.dtype, device=DEV)
+    buf = torch.zeros(t.numel() + offset, dtype=t.dtype, device=device)
     v = buf[offset:].view(t.shape)
     v.copy_(t)
     return v
@@ -286,56 +351,57 @@ def _offset_view(t, offset):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("offsets", [(1, 1, 1, 1), (3, 3, 3, 3), (1, 1, 0, 0), (0, 3, 0, 0)], ids=str)
-def test_misaligned_views(dtype, offsets):
+def test_misaligned_views(be, dtype, offsets):
     # Element offsets of (param, grad, exp_avg, exp_avg_sq) into their buffers. Equal offsets
     # keep the four arrays co-aligned (scalar head, 16-byte vectors, scalar tail, for every
     # dtype); unequal ones leave no common 16-byte boundary: the all-scalar fallback.
     h = hyper()
-    ref = make_case(SHAPES, dtype, seed=21)
-    dev = [[_offset_view(t, off) for t in lst] for lst, off in zip(ref[:4], offsets)]
-    dev.append([s.to(DEV, copy=True) for s in ref[4]])
-    step_dev(dev, h)
+    ref = make_case(be.shapes, dtype, seed=21)
+    dev = [[_offset_view(t, off, be.dev) for t in lst] for lst, off in zip(ref[:4], offsets)]
+    dev.append([s.to(be.dev, copy=True) for s in ref[4]])
+    be.step(dev, h)
     neptune_step_reference_multi(*ref, **h)
     assert_case_close(dev, ref, f"offsets {offsets}")
 
 
-def test_mixed_dtypes_one_call():
+def test_mixed_dtypes_one_call(be):
     # fp32, bf16 and fp16 tensors interleaved in one list: warp units of different dtypes
     # share blocks, block units and chunks of each dtype follow one another.
     h = hyper()
-    cases = [make_case(SHAPES, dt, seed=30 + k) for k, dt in enumerate(DTYPES)]
-    ref = [[c[j][i] for i in range(len(SHAPES)) for c in cases] for j in range(5)]
-    dev = to_dev(ref)
-    step_dev(dev, h)
+    cases = [make_case(be.shapes, dt, seed=30 + k) for k, dt in enumerate(DTYPES)]
+    ref = [[c[j][i] for i in range(len(be.shapes)) for c in cases] for j in range(5)]
+    dev = be.to_dev(ref)
+    be.step(dev, h)
     neptune_step_reference_multi(*ref, **h)
     assert_case_close(dev, ref, "mixed dtypes")
 
 
 @pytest.mark.parametrize("shapes", [((64, 1000), (64000,)), ((40, 500), (20, 1000)), ((4, 5000), (5000, 4))],
                          ids=str)
-def test_same_storage_new_shape_gets_new_table(shapes):
+def test_same_storage_new_shape_gets_new_table(be, shapes):
     # The device table is cached by content: the same pointers stepped with other units
     # (a view with another shape) must not reuse the first shape's table.
     h = hyper()
     gen = torch.Generator().manual_seed(41)
     ref = list(make_case([shapes[0]], torch.float32, seed=40))
-    dev = to_dev(ref)
-    step_dev(dev, h)
+    dev = be.to_dev(ref)
+    be.step(dev, h)
     neptune_step_reference_multi(*ref, **h)
     assert_case_close(dev, ref, f"{shapes[0]}")
-    uploads = torch.ops.neptune_ext._cuda_table_uploads()
+    uploads = be.table_uploads()
     ref = [[t.reshape(shapes[1]) for t in lst] for lst in ref[:4]] + [ref[4]]
     ref[1] = make_grads(ref[0], ref[2], generator=gen)
     dev = [[t.view(shapes[1]) for t in lst] for lst in dev[:4]] + [dev[4]]
     for d_list, r_list in zip(dev, ref):
         for d, r in zip(d_list, r_list):
             d.copy_(r)  # resync to the reference state, in place: the same pointers as before
-    step_dev(dev, h)
+    be.step(dev, h)
     neptune_step_reference_multi(*ref, **h)
     assert_case_close(dev, ref, f"{shapes[0]} as {shapes[1]}")
-    assert torch.ops.neptune_ext._cuda_table_uploads() > uploads
+    assert be.table_uploads() > uploads
 
 
+@cuda_only
 def test_side_stream_and_empty_only():
     h = hyper()
     base = make_case(SHAPES, torch.float32, seed=50)
@@ -357,14 +423,15 @@ def test_side_stream_and_empty_only():
     assert [float(s) for s in empty[4]] == [4.0, 4.0]
 
 
-@pytest.mark.parametrize("lr_dtype,lr_device", [(torch.bfloat16, DEV), (torch.float16, DEV), (torch.float32, "cpu"),
+@pytest.mark.parametrize("lr_dtype,lr_device", [(torch.bfloat16, "dev"), (torch.float16, "dev"), (torch.float32, "cpu"),
                                                 (torch.float64, "cpu")], ids=str)
-def test_tensor_lr_other_dtypes_and_cpu(lr_dtype, lr_device):
+def test_tensor_lr_other_dtypes_and_cpu(be, lr_dtype, lr_device):
+    lr_device = be.dev if lr_device == "dev" else lr_device
     h = hyper()
-    ref = make_case(SHAPES, torch.float32, seed=52)
-    dev = to_dev(ref)
+    ref = make_case(be.shapes, torch.float32, seed=52)
+    dev = be.to_dev(ref)
     lr = torch.tensor(h["lr"], dtype=lr_dtype, device=lr_device)
-    step_dev(dev, dict(h, lr=lr))
+    be.step(dev, dict(h, lr=lr))
     neptune_step_reference_multi(*ref, **dict(h, lr=float(lr)))
     assert_case_close(dev, ref)
 
@@ -374,6 +441,7 @@ def _free_bytes():
     return free
 
 
+@cuda_only
 @pytest.mark.parametrize("shape", [(2**31 + 4096,), (2**21 + 1, 1024)], ids=["1d-chunked", "2d-warp-units"])
 def test_tensor_over_2_31_elements(shape):
     numel = 1
@@ -409,10 +477,6 @@ def test_tensor_over_2_31_elements(shape):
 
 
 # --- memory-lean variant: exp_avg / exp_avg_sq in bfloat16, stochastically rounded ---
-
-# Warp, block and chunked units (> 16384: 70000 and 200000), misaligned rows, zero-size.
-LEAN_SHAPES = [(), (1,), (7,), (0,), (1031,), (64, 3, 3, 3), (5, 1031), (3, 0, 2), (4, 5000), (2, 16385),
-               (3, 70000), (200000,), (33, 33)]
 
 
 def _lean(lists):
@@ -450,11 +514,11 @@ def _assert_lean_close(dev_lists, ref_lists, what):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", [{}, {"cautious": False}, {"clip": 0.0}], ids=["default", "no-mask", "no-clip"])
-def test_bf16_state_matches_cpu_op_and_reference(dtype, variant):
+def test_bf16_state_matches_cpu_op_and_reference(be, dtype, variant):
     h = dict(hyper(), **variant)
-    cpu = _lean(list(make_case(LEAN_SHAPES, dtype, seed=60, clip=h["clip"])))
+    cpu = _lean(list(make_case(be.lean_shapes, dtype, seed=60, clip=h["clip"])))
     ref = clone_all(cpu)
-    dev = to_dev(cpu)
+    dev = be.to_dev(cpu)
     gen = torch.Generator().manual_seed(61)
     for k in range(3):
         if k > 0:  # fresh edge-safe gradients; resync device and reference to the CPU op's state
@@ -464,54 +528,54 @@ def test_bf16_state_matches_cpu_op_and_reference(dtype, variant):
                     d.copy_(c)
                     r.copy_(c)
         neptune_step_(*cpu, **h)
-        step_dev(dev, h)
+        be.step(dev, h)
         neptune_step_reference_multi(*ref, **h)
         _assert_lean_close(dev, cpu, f"step {k + 1} vs cpu op")
         _assert_lean_close(dev, ref, f"step {k + 1} vs reference")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bf16_state_misaligned_views(dtype):
+def test_bf16_state_misaligned_views(be, dtype):
     # Element offsets of (param, grad, exp_avg, exp_avg_sq): with bf16 state the 16-byte
     # boundaries of the state fall every 8 elements, of fp32 params every 4.
     h = hyper()
     for offsets in [(1, 1, 1, 1), (4, 4, 4, 4), (0, 0, 4, 4), (4, 4, 0, 0), (0, 0, 1, 1)]:
-        cpu = _lean(list(make_case(LEAN_SHAPES, dtype, seed=62)))
-        dev = [[_offset_view(t, off) for t in lst] for lst, off in zip(cpu[:4], offsets)]
-        dev.append([s.to(DEV, copy=True) for s in cpu[4]])
-        step_dev(dev, h)
+        cpu = _lean(list(make_case(be.lean_shapes, dtype, seed=62)))
+        dev = [[_offset_view(t, off, be.dev) for t in lst] for lst, off in zip(cpu[:4], offsets)]
+        dev.append([s.to(be.dev, copy=True) for s in cpu[4]])
+        be.step(dev, h)
         neptune_step_(*cpu, **h)
         _assert_lean_close(dev, cpu, f"offsets {offsets}")
 
 
-def test_bf16_state_row_shards_round_like_the_whole_tensor():
+def test_bf16_state_row_shards_round_like_the_whole_tensor(be):
     # The rounding bits follow the index within the unit: rows [0:4] stepped alone, and the
     # rows after them, give the whole tensor's results bitwise (warp, block, chunked units).
     h = hyper()
     for dtype in DTYPES:
-        P, G, M, V, S = to_dev(_lean(list(make_case([(10, 3, 3), (9, 17), (6, 5000), (5, 20000)], dtype, seed=63))))
+        P, G, M, V, S = be.to_dev(_lean(list(make_case([(10, 3, 3), (9, 17), (6, 5000), (5, 20000)], dtype, seed=63))))
         whole = clone_all([P, G, M, V, S])
-        step_dev(whole, h)
+        be.step(whole, h)
         for i in range(len(P)):
             for rows in (slice(0, 4), slice(4, None)):
                 shard = [[x[i][rows].clone()] for x in (P, G, M, V)] + [[S[i].clone()]]
-                step_dev(shard, h)
+                be.step(shard, h)
                 for k in (0, 2, 3):
                     assert torch.equal(shard[k][0], whole[k][i][rows]), (dtype, i, rows, k)
 
 
-def test_bf16_state_bitwise_reproducible_and_mixed_with_fp32_state():
+def test_bf16_state_bitwise_reproducible_and_mixed_with_fp32_state(be):
     # Two runs agree bitwise; lean and fp32-state tensors of all dtypes in one call.
     h = hyper()
-    cases = [make_case(LEAN_SHAPES, dt, seed=64 + k) for k, dt in enumerate(DTYPES)]
-    base = [[c[j][i] for i in range(len(LEAN_SHAPES)) for c in cases] for j in range(5)]
+    cases = [make_case(be.lean_shapes, dt, seed=64 + k) for k, dt in enumerate(DTYPES)]
+    base = [[c[j][i] for i in range(len(be.lean_shapes)) for c in cases] for j in range(5)]
     for j in (2, 3):  # every other tensor lean
         base[j] = [x.bfloat16() if i % 2 == 0 else x for i, x in enumerate(base[j])]
     outs = []
     for _ in range(2):
-        dev = to_dev(clone_all(base))
+        dev = be.to_dev(clone_all(base))
         for _ in range(2):
-            step_dev(dev, h)
+            be.step(dev, h)
         outs.append(dev)
     for a_list, b_list in zip(outs[0], outs[1]):
         for a, b in zip(a_list, b_list):
@@ -523,3 +587,57 @@ def test_bf16_state_bitwise_reproducible_and_mixed_with_fp32_state():
         if i % 2 == 0:
             _assert_lean_state(outs[0][2][i], cpu[2][i], f"exp_avg {i}")
             _assert_lean_state(outs[0][3][i], cpu[3][i], f"exp_avg_sq {i}")
+
+
+# --- host-side rules shared by both backends (neptune_cuda_args.h, neptune_table_cache.h) ---
+
+def _op_of(be):
+    return neptune_step_ if be.name == "cuda" else neptune_ext.ops.neptune_step_simt_
+
+
+def test_shared_step_counter_is_rejected_before_writing(be):
+    # Two params with one step tensor: the CPU op would count it twice, the CUDA op once and
+    # racily. Every backend refuses the call, naming both, and writes nothing.
+    h = hyper()
+    dev = be.to_dev(make_case([(5, 7), (9,), (3, 4)], torch.float32, seed=70))
+    dev[4][2] = dev[4][0]
+    before = clone_all(dev)
+    with pytest.raises(ValueError, match=r"steps\[0\] and steps\[2\] are the same counter"):
+        _op_of(be)(*dev, **h)
+    for a_list, b_list in zip(dev, before):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
+
+
+def test_pending_cuda_error_is_not_blamed_on_the_step():
+    # An error left by an earlier, unrelated CUDA call (here planted in the emulated runtime's
+    # last-error slot) is reported as such before anything runs, not as this step's launch
+    # failure; it is consumed, so the next step runs.
+    h = hyper()
+    dev = Backend("simt").to_dev(make_case([(5, 7), (9,)], torch.float32, seed=71))
+    before = clone_all(dev)
+    torch.ops.neptune_ext._simt_set_pending_error(719)  # cudaErrorLaunchFailure
+    with pytest.raises(RuntimeError, match="an earlier CUDA call left an error pending: cudaErrorLaunchFailure"):
+        neptune_ext.ops.neptune_step_simt_(*dev, **h)
+    for a_list, b_list in zip(dev, before):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
+    neptune_ext.ops.neptune_step_simt_(*dev, **h)
+    assert float(dev[4][0]) == float(before[4][0]) + 1
+
+
+def test_table_cache_lifetimes():
+    # The cache shared by both backends, on CPU tables: a table held by its caller survives
+    # the eviction of its entry (an evicted table nobody holds is poisoned as it is freed);
+    # tables made during graph captures are never cached (the graph's pool owns them), so
+    # repeated captures cannot grow the cache.
+    intact, size, uploads = torch.ops.neptune_ext._table_cache_check()
+    assert intact == 1, "a held table was freed by an eviction"
+    assert size == 4, f"{size} entries after 100 captures (limit 4)"
+    assert uploads == 111
+
+
+def test_schedule_must_be_non_negative():
+    dev = Backend("simt").to_dev(make_case([(9,)], torch.float32, seed=72))
+    with pytest.raises(ValueError, match="schedule must be >= 0"):
+        neptune_ext.ops.neptune_step_simt_(*dev, **hyper(), schedule=-1)

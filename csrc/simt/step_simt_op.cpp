@@ -1,0 +1,129 @@
+// neptune_ext::_neptune_step_simt_: the CUDA operator's whole path on CPU tensors, for
+// tests. The same validation, plan, argument table and table cache as the CUDA backend
+// (neptune_cuda_args.h, neptune_table_cache.h), then the unchanged kernels of
+// neptune_step_cuda.cu run by the SIMT emulator (step_emulated.cpp), in the order of
+// blocks and threads that `schedule` picks. Also the emulator's test hooks.
+#define NEPTUNE_SIMT 1
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../neptune_cuda_args.h"
+#include "../neptune_schema.h"
+#include "../neptune_table_cache.h"
+
+namespace neptune {
+namespace {
+
+#define NEPTUNE_SIMT_CHECK(expr, what)                                                            \
+  do {                                                                                            \
+    const cudaError_t err_ = (expr);                                                              \
+    TORCH_CHECK(err_ == cudaSuccess, "neptune_step_ (CUDA, emulated): ", what, " failed: ",      \
+                cudaGetErrorName(err_));                                                          \
+  } while (0)
+
+TableCache& g_simt_tables = *new TableCache(32);  // leaked like the CUDA backend's
+
+void step_simt_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList steps, const Hyper& h, const LrArg& lr,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    int64_t schedule) {
+  TORCH_CHECK_VALUE(schedule >= 0 && schedule <= INT32_MAX,
+                    "_neptune_step_simt_: schedule must be >= 0 (0: blocks and threads in ascending order, 1: "
+                    "descending, k >= 2: random orders seeded by k), got ",
+                    schedule);
+  StepLaunch s = build_step_launch(params, grads, exp_avgs, exp_avg_sqs, steps, h, lr, grad_scale, found_inf,
+                                   c10::DeviceType::CPU);
+  if (s.n == 0) return;
+  check_no_pending_cuda_error();
+  simt::ScheduleScope order((int)schedule);
+  const at::Tensor table = g_simt_tables.get(s.table, -1, nullptr, /*capturing=*/false, [&]() {
+    const int64_t bytes = (int64_t)s.table.size();
+    at::Tensor dev = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+    std::memset(dev.data_ptr(), 0xFF, (size_t)bytes);  // the upload kernel must write every byte
+    int launches = 0;
+    NEPTUNE_SIMT_CHECK(neptune_cuda_upload(dev.data_ptr(), s.table.data(), bytes, nullptr, &launches),
+                       "table upload launch");
+    return dev;
+  });
+  bind_table(s, table);
+  bind_partials(s, /*poison=*/true);
+  NEPTUNE_SIMT_CHECK(neptune_cuda_step(s.args, s.plan.main_blocks, s.plan.long_blocks, nullptr), "kernel launch");
+}
+
+void step_simt(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList steps, double lr, double beta1, double beta2, double weight_decay, double eps,
+               double clip, bool cautious, bool maximize, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, int64_t schedule) {
+  LrArg l;
+  l.value = lr;
+  step_simt_impl(params, grads, exp_avgs, exp_avg_sqs, steps,
+                 Hyper{lr, beta1, beta2, weight_decay, eps, clip, cautious, maximize}, l, grad_scale, found_inf,
+                 schedule);
+}
+
+void step_simt_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr, double beta1,
+                         double beta2, double weight_decay, double eps, double clip, bool cautious, bool maximize,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                         int64_t schedule) {
+  double check_value = 0.0;
+  // The params' "device" is the CPU here: a CPU lr is read by the kernels, as a CUDA lr is.
+  const LrArg l = lr_arg_of(lr, at::Device(at::kCPU), check_value);
+  step_simt_impl(params, grads, exp_avgs, exp_avg_sqs, steps,
+                 Hyper{check_value, beta1, beta2, weight_decay, eps, clip, cautious, maximize}, l, grad_scale,
+                 found_inf, schedule);
+}
+
+// Test hooks.
+void set_pending_error(int64_t code) { simt::set_last_error((cudaError_t)code); }
+
+int64_t simt_table_uploads() { return g_simt_tables.uploads(); }
+
+std::vector<int64_t> simt_stats() {
+  const simt::Stats st = simt::stats();
+  return {st.launches, st.blocks, st.threads, st.switches};
+}
+
+// The table cache's lifetimes, on CPU tables: [a table held by its caller survives the
+// eviction of its entry (1/0), entries after 100 tables made during captures, uploads].
+std::vector<int64_t> table_cache_check() {
+  TableCache cache(4);
+  auto host_of = [](int v) { return std::vector<unsigned char>(64, (unsigned char)v); };
+  auto get = [&](const std::vector<unsigned char>& host, bool capturing) {
+    return cache.get(host, -1, nullptr, capturing, [&]() {
+      at::Tensor t = at::empty({64}, at::TensorOptions().dtype(at::kByte));
+      std::memcpy(t.data_ptr(), host.data(), 64);
+      return t;
+    });
+  };
+  const std::vector<unsigned char> first = host_of(1);
+  const at::Tensor held = get(first, false);
+  for (int v = 2; v < 12; ++v) get(host_of(v), false);  // evicts `first` (least recently used)
+  const int64_t intact = std::memcmp(held.data_ptr(), first.data(), 64) == 0 ? 1 : 0;
+  for (int v = 0; v < 100; ++v) get(host_of(100 + v), true);
+  return {intact, (int64_t)cache.size(), cache.uploads()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(neptune_ext, m) {
+  m.def("_neptune_step_simt_(" NEPTUNE_STEP_ARGS "float lr, " NEPTUNE_STEP_KWARGS ", int schedule=0) -> ()");
+  m.def("_neptune_step_simt_.tensor_lr(" NEPTUNE_STEP_ARGS "Tensor lr, " NEPTUNE_STEP_KWARGS
+        ", int schedule=0) -> ()");
+  m.def("_simt_set_pending_error(int code) -> ()", &set_pending_error);
+  m.def("_simt_stats() -> int[]", &simt_stats);
+  m.def("_simt_table_uploads() -> int", &simt_table_uploads);
+  m.def("_table_cache_check() -> int[]", &table_cache_check);
+}
+
+TORCH_LIBRARY_IMPL(neptune_ext, CPU, m) {
+  m.impl("_neptune_step_simt_", &step_simt);
+  m.impl("_neptune_step_simt_.tensor_lr", &step_simt_tensor_lr);
+}
+
+}  // namespace neptune
