@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check of the CUDA operator on a lent GPU machine (no network), in < 8 minutes:
-#   info -> build in place for this GPU's arch -> CUDA tests -> compute-sanitizer
+#   info -> build in place for this GPU's arch -> CUDA tests (then the same tests on the
+#   SIMT-emulated backend, for comparison) -> compute-sanitizer
 #   (memcheck, racecheck) on a small step -> step microbenchmark (fp32, bf16) -> the rest
 #   of the test suite.
 # Every stage's output is tee'd to a log under bench/results/gpu_check_<card>/; benchmark
@@ -117,8 +118,13 @@ print(neptune_ext.build_info())
 assert neptune_ext.has_kernel('cuda'), neptune_ext.ops.describe_build()
 print('cuda kernel loaded on', torch.cuda.get_device_name(0))"
 
-stage pytest-cuda 150 env NEPTUNE_REQUIRE_KERNEL=1 "$PY" -m pytest -q -rs \
+stage pytest-cuda 150 env NEPTUNE_REQUIRE_KERNEL=1 "$PY" -m pytest -q -rs -k "not simt" \
   tests/test_neptune_step_cuda.py tests/test_cuda_plan.py --junitxml="$LOGDIR/pytest-cuda.xml"
+
+# The same tests on the SIMT-emulated backend (the unchanged kernels on the CPU, as every CI
+# run has them): counts and seconds beside the hardware's, for comparison.
+stage pytest-simt 120 "$PY" -m pytest -q -rs -k simt tests/test_neptune_step_cuda.py \
+  --junitxml="$LOGDIR/pytest-simt.xml" --durations=5
 
 # sanitize TOOL: compute-sanitizer on bench/sanitizer_step.py, instrumenting only our
 # kernels (torch's own would take most of the time), retried unfiltered if this version

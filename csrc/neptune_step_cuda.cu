@@ -240,8 +240,10 @@ __device__ __forceinline__ void group_sum2(V& a, V& b) {
 }
 
 // Per-tensor constants on the device, as step_consts() computes them on the host.
-__device__ __forceinline__ StepConsts tensor_consts(const StepArgs& a, const DevTensor& t) {
-  const float tf = next_step(t);  // the CPU op increments the float counter, then widens
+// Called before the tensor's DevTensor is loaded: its two pow() calls are real calls, and a
+// DevTensor live across them would not fit the registers beside them (spills).
+__device__ __forceinline__ StepConsts tensor_consts(const StepArgs& a, const float* step) {
+  const float tf = *step + 1.f;  // t = step + 1, as next_step; the CPU op increments the float counter, then widens
   const double td = (double)tf;
   const double lr = a.lr_f32 != nullptr ? (double)*a.lr_f32 : (a.lr_f64 != nullptr ? *a.lr_f64 : a.lr);
   StepConsts c;
@@ -422,8 +424,8 @@ __global__ void __launch_bounds__(kThreads, 3) neptune_main_kernel(const StepArg
   const int64_t i0 = find_owner(a.slot_begins, a.n_tensors, s0);
   const Work w0 = slot_work(a.tensors[i0].plan, s0);
   if (w0.valid && w0.kind != kWarpUnit) {  // the whole block: uniform branch
+    const StepConsts c = tensor_consts(a, a.tensors[i0].step);
     const DevTensor t = a.tensors[i0];
-    const StepConsts c = tensor_consts(a, t);
     const int64_t n = w0.elem_end - w0.elem_begin;
     if (w0.kind == kBlockUnit) {
       NEPTUNE_DISPATCH(t, unit_step<D, S, true>(t, c, w0.elem_begin, n, threadIdx.x));
@@ -438,8 +440,8 @@ __global__ void __launch_bounds__(kThreads, 3) neptune_main_kernel(const StepArg
   const int64_t i = find_owner(a.slot_begins, a.n_tensors, slot);
   const Work w = slot_work(a.tensors[i].plan, slot);
   if (!w.valid || w.kind != kWarpUnit) return;
+  const StepConsts c = tensor_consts(a, a.tensors[i].step);
   const DevTensor t = a.tensors[i];
-  const StepConsts c = tensor_consts(a, t);
   const int64_t n = w.elem_end - w.elem_begin;
   NEPTUNE_DISPATCH(t, unit_step<D, S, false>(t, c, w.elem_begin, n, lane));
 }
@@ -452,8 +454,8 @@ __global__ void __launch_bounds__(kThreads, 4) neptune_long_kernel(const StepArg
   const int64_t i = find_owner(a.long_begins, a.n_tensors, lb);
   const Work w = long_work(a.tensors[i].plan, lb);
   if (!w.valid) return;
+  const StepConsts c = tensor_consts(a, a.tensors[i].step);
   const DevTensor t = a.tensors[i];
-  const StepConsts c = tensor_consts(a, t);
   NEPTUNE_DISPATCH(t, chunk_step<D, S>(a, t, c, w, role));
 }
 
