@@ -10,6 +10,9 @@ Contenders (filter with --contenders):
   neptune-op          neptune_ext.neptune_step_ on the tensor lists (the fused operator alone)
   neptune-op-bf16state  the same with exp_avg / exp_avg_sq in bf16 (the memory-lean variant)
   neptune-optimizer   neptune_ext.Neptune(...).step() (operator + Python grouping overhead)
+  neptune-optimizer-strided  the same with every ndim >= 2 param (and its grad) stored
+                      transposed (dims reversed: dense, but units are not contiguous spans),
+                      so it takes the optimizer's scratch path (a dense copy in and out)
   neptune-reference   neptune_step_reference_multi (pure PyTorch; slow: capped reps, and
                       skipped above REFERENCE_LIMIT params unless --reference-all)
   adamw-forloop       torch.optim.AdamW(foreach=False)
@@ -94,12 +97,15 @@ from step_sets import ParamSet, build_sets  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTENDERS = (
-    "neptune-op", "neptune-op-bf16state", "neptune-optimizer", "neptune-reference",
+    "neptune-op", "neptune-op-bf16state", "neptune-optimizer", "neptune-optimizer-strided", "neptune-reference",
     "adamw-forloop", "adamw-foreach", "adamw-fused", "deepspeed-cpu-adam",
     "timm-agc-cadamw-foreach", "timm-agc-cadamw-forloop",
 )
 TIMM_CONTENDERS = ("timm-agc-cadamw-foreach", "timm-agc-cadamw-forloop")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+# float64: Neptune's optimizer steps it exactly through the reference in float64; the
+# operator contenders have no float64 kernel and are left out.
+FP64_CONTENDERS = ("neptune-optimizer", "neptune-optimizer-strided", "adamw-forloop", "adamw-foreach", "adamw-fused")
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 NEPTUNE_HP = dict(clip=0.1, cautious=True, maximize=False)
 # The reference allocates several temporaries per tensor: skip it above this many params
@@ -162,6 +168,16 @@ def _traffic(p: torch.Tensor, state_tensors: list[torch.Tensor]) -> int:
     return b
 
 
+def _transposed(p: torch.nn.Parameter) -> torch.nn.Parameter:
+    """p (and its grad) with the dims' memory order reversed: same values, units not spans."""
+    if p.dim() < 2:
+        return p
+    dims = list(range(p.dim()))[::-1]
+    q = torch.nn.Parameter(p.detach().permute(dims).contiguous().permute(dims))
+    q.grad = p.grad.permute(dims).contiguous().permute(dims)
+    return q
+
+
 def _neptune_lists(params, state_dtype=torch.float32):
     ms = [torch.zeros_like(p, dtype=state_dtype) for p in params]
     vs = [torch.zeros_like(p, dtype=state_dtype) for p in params]
@@ -207,8 +223,12 @@ def build_instance(name: str, params: list[torch.nn.Parameter]) -> Instance:
 
         return Instance(step, nbytes, [params, opt])
 
-    if name == "neptune-optimizer":
-        opt = neptune_ext.Neptune(params, **HP, **NEPTUNE_HP, implementation="op")
+    if name == "neptune-optimizer-strided":
+        params = [_transposed(p) for p in params]
+    if name in ("neptune-optimizer", "neptune-optimizer-strided"):
+        # float64 has no kernel: the default implementation steps it through the exact path.
+        impl = "auto" if params and params[0].dtype == torch.float64 else "op"
+        opt = neptune_ext.Neptune(params, **HP, **NEPTUNE_HP, implementation=impl)
     elif name == "adamw-forloop":
         opt = torch.optim.AdamW(params, **HP, foreach=False)
     elif name == "adamw-foreach":
@@ -255,7 +275,8 @@ def available_contenders(device: str, wanted: list[str]) -> tuple[list[str], lis
             except ImportError as e:
                 notes.append(f"{c}: skipped, timm not importable ({type(e).__name__})")
                 continue
-        if c in ("neptune-op", "neptune-op-bf16state", "neptune-optimizer") and not neptune_ext.has_kernel(device):
+        if (c in ("neptune-op", "neptune-op-bf16state", "neptune-optimizer", "neptune-optimizer-strided")
+                and not neptune_ext.has_kernel(device)):
             notes.append(f"{c}: skipped, no compiled Neptune kernel for {device} ({neptune_ext.ops.describe_build()})")
             continue
         run.append(c)
@@ -378,10 +399,12 @@ def _free(device: str):
 
 def footprint(pset: ParamSet, dtype: torch.dtype, name: str) -> int:
     es = torch.empty((), dtype=dtype).element_size()
-    state = 8 if name.startswith("neptune") or dtype == torch.float32 else 2 * es
+    state = 8 if (name.startswith("neptune") and es < 8) or dtype == torch.float32 else 2 * es
     temp = 2 * 4 if name in ("adamw-foreach", "adamw-forloop") else 0  # intermediates, rough
     if name in TIMM_CONTENDERS:
         temp = 3 * 4  # AGC's clipped and selected grads, cadamw's mask
+    if name == "neptune-optimizer-strided":
+        temp = 2 * es  # transposed copies of the params and grads, and the scratch copy
     if name == "neptune-reference":
         temp = 8 * 4 * max(math.prod(s) for s in pset.shapes) / max(pset.n_params, 1)
     return int(pset.n_params * (2 * es + state + temp))
@@ -588,8 +611,6 @@ def write_outputs(rows: list[dict], args, dtype_name: str, threads: int) -> list
 
 
 def plot(rows: list[dict], path: str, title: str, ceiling_gbs: float | None = None) -> str | None:
-    """Named sets as grouped bars (GB/s per contender, per set; the copy ceiling as a line),
-    the single-tensor sweeps as lines of GB/s against parameter count."""
     try:
         import matplotlib
 
@@ -598,6 +619,19 @@ def plot(rows: list[dict], path: str, title: str, ceiling_gbs: float | None = No
     except ImportError:
         log("matplotlib not importable: no plot")
         return None
+    fig = figure(rows, title, ceiling_gbs)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def figure(rows: list[dict], title: str, ceiling_gbs: float | None = None):
+    """Named sets as grouped bars (GB/s per contender, per set; the copy ceiling as a line),
+    the single-tensor sweeps as lines of GB/s against parameter count."""
+    import matplotlib.pyplot as plt
+
     contenders = list(dict.fromkeys(r["contender"] for r in rows))
     colors = {c: f"C{i % 10}" for i, c in enumerate(contenders)}
     named = list(dict.fromkeys(r["set"] for r in rows if not r["set"].startswith("single")))
@@ -647,9 +681,7 @@ def plot(rows: list[dict], path: str, title: str, ceiling_gbs: float | None = No
             ax.legend(fontsize=6, ncol=2)
     fig.suptitle(f"Optimizer step, {title}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 # ---------------------------------------------------------------------------------------
@@ -761,6 +793,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           if not (c == "neptune-reference" and not args.reference_all and too_big)]
                     if dtype != torch.float32:
                         cs = [c for c in cs if c != "deepspeed-cpu-adam"]
+                    if dtype == torch.float64:
+                        cs = [c for c in cs if c in FP64_CONTENDERS]
                     t0 = time.perf_counter()
                     cell = run_cell(pset, dtype, cs, args, timer, l2, mem_budget)
                     rows += cell
