@@ -58,7 +58,7 @@ Bytes per step are the minimum traffic of the rule, counted from the tensors eac
 actually touches (state dtype read from the optimizer's state after the first step):
 param read + write, grad read, each state tensor read + write (step counters ignored).
 fp32 Neptune/AdamW: 28 B/param; bf16 params: Neptune (fp32 state) 22 B/param, torch AdamW
-(bf16 state) 14 B/param. GB_s = bytes / median (1 GB = 1e9 B). Temporaries of the
+(bf16 state) 14 B/param; fp64 (float64 state for both): 56 B/param. GB_s = bytes / median (1 GB = 1e9 B). Temporaries of the
 forloop/foreach/reference paths are not counted, so their GB_s is "effective".
 ratio_to_adamw_fused = contender median / adamw-fused median (same set, size, dtype, threads).
 ratio_to_neptune = contender median / neptune-optimizer median (neptune-op when the optimizer
@@ -573,7 +573,7 @@ def header_lines(args, dtype_name: str, threads: int) -> list[str]:
         lines.append("- timing: time.perf_counter around each step")
     lines.append(f"- hyperparameters: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2; Neptune clip 0.1, cautious")
     lines.append("- bytes_per_step: param r/w + grad r + state r/w from the tensors each contender touches "
-                 "(fp32 28 B/param; bf16 Neptune 22, torch AdamW bf16 state 14); GB_s = bytes / median")
+                 "(fp32 28 B/param; bf16 Neptune 22, torch AdamW bf16 state 14; fp64 56); GB_s = bytes / median")
     lines.append("- ratio_to_adamw_fused = median / adamw-fused median (< 1: faster than fused AdamW); "
                  "ratio_to_neptune = median / neptune-optimizer median (neptune-op if the optimizer is not run); "
                  "mode: interleaved (round-robin per step) or blocked (ABBA blocks, one contender in memory)")
