@@ -235,8 +235,9 @@ class Neptune(Optimizer):
             state = self.state[p]
             # The operator wants units as contiguous spans and grad and state with the
             # param's strides. Dense params keep their layout (no copy); others are
-            # stepped through a dense copy, their state kept contiguous. The reference
-            # (float64) takes any layout.
+            # stepped through a dense copy (dim 0 outermost, the other dims in the
+            # param's memory order: the cheapest copy), their state kept in that layout.
+            # The reference (float64) takes any layout.
             spans = lists is exact or _is_dtensor(p) or _units_are_spans(p)
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -248,10 +249,11 @@ class Neptune(Optimizer):
                     state[key] = _new_state(p, state[key].dtype, spans).copy_(state[key])
             p_step = p
             if not spans:
-                p_step = p.detach().contiguous()  # always a copy: a contiguous param is spans
+                p_step = _new_state(p, p.dtype, False).copy_(p.detach())
                 scratch_params.append(p)
                 scratch_copies.append(p_step)
-                grad = grad.contiguous()
+                if grad.stride() != p_step.stride():
+                    grad = _new_state(p, grad.dtype, False).copy_(grad)
             elif lists is not exact and not _same_layout(grad, p, True):
                 grad = _like_param(p, grad)  # the operator walks all four tensors alike
             lists[0].append(p_step)
@@ -458,18 +460,33 @@ def _units_are_spans(p: Tensor) -> bool:
     return p.dim() < 2 or p.shape[0] <= 1 or p.stride(0) == p.numel() // p.shape[0]
 
 
+def _span_strides(p: Tensor) -> tuple[int, ...]:
+    """Dense strides for p's shape with dim 0 outermost and the other dims in p's memory
+    order: copying p there moves whole runs that are already contiguous (a transposed
+    conv weight becomes one 2-D transpose, not a 4-D permutation)."""
+    strides = [0] * p.dim()
+    acc = 1
+    for d in sorted(range(1, p.dim()), key=lambda d: (p.stride(d), -d)):  # innermost first
+        strides[d] = acc
+        acc *= p.shape[d]
+    if p.dim():
+        strides[0] = acc
+    return tuple(strides)
+
+
 def _same_layout(t: Tensor, p: Tensor, spans: bool) -> bool:
     """Whether `t` has the layout the step wants for `p`: p's strides when its units are
-    spans (dense), else contiguous (the layout of p's scratch copy)."""
+    spans (dense), else those of p's scratch copy (_span_strides)."""
     if not spans:
-        return t.is_contiguous()
+        return t.stride() == _span_strides(p)
     return (p.is_contiguous() and t.is_contiguous()) or t.stride() == p.stride()
 
 
 def _new_state(p: Tensor, dtype: torch.dtype, spans: bool) -> Tensor:
+    """Zeros in the layout the step wants for p (see _same_layout)."""
     if spans:
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-    return torch.zeros(p.shape, dtype=dtype, device=p.device)
+    return torch.empty_strided(p.shape, _span_strides(p), dtype=dtype, device=p.device).zero_()
 
 
 def _state_dtype_of(p: Tensor, group_dtype: torch.dtype) -> torch.dtype:
