@@ -125,7 +125,7 @@ class Neptune(Optimizer):
 
     Params may have any strides (transposed, sliced, expanded along no dim): a param whose
     units are not contiguous spans (dense with dim 0 outermost) is stepped through a dense
-    scratch copy, with its state kept contiguous. float64 params are stepped exactly by the
+    scratch copy, with its state kept in that copy's layout. float64 params are stepped exactly by the
     reference computed in float64, with float64 state, in the same step as the group's
     other params.
 
