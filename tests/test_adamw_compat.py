@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import neptune_ext
 from neptune_ext import Neptune, neptune_step_reference
 from neptune_ext import ops as neptune_ops
 from neptune_ext import optimizer as neptune_optimizer
@@ -230,3 +231,25 @@ def test_strided_param_state_loads_in_the_layout_the_step_uses():
     opt.step()
     opt2.step()
     assert torch.equal(w, w2)
+
+
+def test_compiled_step_with_strided_and_float64_params():
+    """torch.compile(opt.step) runs the scratch-copy and float64 paths as eager does."""
+    if not neptune_ext.has_kernel("cpu"):
+        pytest.skip("CPU extension not built")
+    torch._dynamo.reset()
+
+    def run(compiled):
+        w = nn.Parameter(torch.randn(5, 10, generator=torch.Generator().manual_seed(0)).t())
+        d = nn.Parameter(torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+        opt = Neptune([w, d], lr=1e-2)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for k in range(3):
+            gen = torch.Generator().manual_seed(10 + k)
+            w.grad = torch.randn(10, 5, generator=gen)
+            d.grad = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+            step()
+        return w.detach().clone(), d.detach().clone()
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
