@@ -10,14 +10,26 @@ Contenders (filter with --contenders):
   neptune-op          neptune_ext.neptune_step_ on the tensor lists (the fused operator alone)
   neptune-op-bf16state  the same with exp_avg / exp_avg_sq in bf16 (the memory-lean variant)
   neptune-optimizer   neptune_ext.Neptune(...).step() (operator + Python grouping overhead)
+  neptune-optimizer-strided  the same with every ndim >= 2 param (and its grad) stored
+                      transposed (dims reversed: dense, but units are not contiguous spans),
+                      so it takes the optimizer's scratch path (a dense copy in and out)
   neptune-reference   neptune_step_reference_multi (pure PyTorch; slow: capped reps, and
                       skipped above REFERENCE_LIMIT params unless --reference-all)
   adamw-forloop       torch.optim.AdamW(foreach=False)
   adamw-foreach       torch.optim.AdamW(foreach=True)
   adamw-fused         torch.optim.AdamW(fused=True)   (the ratio column's reference)
   deepspeed-cpu-adam  DeepSpeedCPUAdam (CPU only, only when deepspeed is importable)
+  timm-agc-cadamw-foreach / timm-agc-cadamw-forloop   (only when timm is importable)
+                      the closest composite a user can assemble from timm:
+                      timm.utils.agc.adaptive_clip_grad(params, clip_factor=0.1, eps=1e-3)
+                      then timm.optim.create_optimizer_v2(params, "cadamw", foreach=True/False).
+                      A composite, not the same rule: the clipping is unit-wise like
+                      Neptune's, but cadamw's caution mask is normalised by its mean over
+                      the whole tensor rather than per unit (and over all elements, not the
+                      active ones), and it masks exp_avg rather than the update.
 Hyperparameters: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2; Neptune clip 0.1,
-cautious True (the defaults). Params and grads are random normal (grads scaled 1e-3).
+cautious True (the defaults; the composite's clip_factor is the same 0.1). Params and grads
+are random normal (grads scaled 1e-3).
 
 How the contenders share the machine (the "mode" column):
   interleaved  when every contender's tensors together fit in --mem-gb (default 6 GiB on CPU,
@@ -46,9 +58,13 @@ Bytes per step are the minimum traffic of the rule, counted from the tensors eac
 actually touches (state dtype read from the optimizer's state after the first step):
 param read + write, grad read, each state tensor read + write (step counters ignored).
 fp32 Neptune/AdamW: 28 B/param; bf16 params: Neptune (fp32 state) 22 B/param, torch AdamW
-(bf16 state) 14 B/param. GB_s = bytes / median (1 GB = 1e9 B). Temporaries of the
+(bf16 state) 14 B/param; fp64 (float64 state for both): 56 B/param. GB_s = bytes / median (1 GB = 1e9 B). Temporaries of the
 forloop/foreach/reference paths are not counted, so their GB_s is "effective".
 ratio_to_adamw_fused = contender median / adamw-fused median (same set, size, dtype, threads).
+ratio_to_neptune = contender median / neptune-optimizer median (neptune-op when the optimizer
+is not run): what swapping the drop-in optimizer costs.
+The composite's AGC pass (read W and G, write G) is not counted in its bytes: like the
+temporaries of forloop/foreach, its GB_s is "effective" at the same 28 B/param (fp32).
 CUDA also: frac_of_copy = GB_s / (device-to-device copy_ of a 2 GiB tensor, bytes = 2 x 2 GiB),
 and launches = GPU activities (kernels + memcpy + memset) that torch.profiler records for one
 step (left empty for steps slower than LAUNCH_COUNT_MAX_S). CPU: the header gives a memory copy's GB/s for orientation.
@@ -56,7 +72,8 @@ step (left empty for steps slower than LAUNCH_COUNT_MAX_S). CPU: the header give
 Output, in --out-dir (default bench/results), one group per (device, dtype, threads):
   step_cpu_fp32_t2.{csv,md,png}   (CUDA: step_cuda_fp32.{csv,md,png}; --tag T appends _T;
                                    --quick appends _quick so smoke runs never overwrite)
-The PNG plots GB/s against parameter count: the single sweep as lines, named sets as points.
+The PNG: named sets as grouped bars (GB/s per contender, per set) with the measured copy
+ceiling as a line; the single-tensor sweeps as lines of GB/s against parameter count.
 """
 from __future__ import annotations
 
@@ -80,10 +97,15 @@ from step_sets import ParamSet, build_sets  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTENDERS = (
-    "neptune-op", "neptune-op-bf16state", "neptune-optimizer", "neptune-reference",
+    "neptune-op", "neptune-op-bf16state", "neptune-optimizer", "neptune-optimizer-strided", "neptune-reference",
     "adamw-forloop", "adamw-foreach", "adamw-fused", "deepspeed-cpu-adam",
+    "timm-agc-cadamw-foreach", "timm-agc-cadamw-forloop",
 )
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIMM_CONTENDERS = ("timm-agc-cadamw-foreach", "timm-agc-cadamw-forloop")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+# float64: Neptune's optimizer steps it exactly through the reference in float64; the
+# operator contenders have no float64 kernel and are left out.
+FP64_CONTENDERS = ("neptune-optimizer", "neptune-optimizer-strided", "adamw-forloop", "adamw-foreach", "adamw-fused")
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 NEPTUNE_HP = dict(clip=0.1, cautious=True, maximize=False)
 # The reference allocates several temporaries per tensor: skip it above this many params
@@ -98,7 +120,7 @@ LAUNCH_COUNT_MAX_S = 1.0
 COLUMNS = (
     "set", "shape", "n_tensors", "n_params", "dtype", "threads", "contender", "reps",
     "median_ms", "p20_ms", "p80_ms", "bytes_per_step", "GB_s", "ratio_to_adamw_fused",
-    "frac_of_copy", "launches", "mode", "copies",
+    "ratio_to_neptune", "frac_of_copy", "launches", "mode", "copies",
 )
 
 
@@ -146,6 +168,16 @@ def _traffic(p: torch.Tensor, state_tensors: list[torch.Tensor]) -> int:
     return b
 
 
+def _transposed(p: torch.nn.Parameter) -> torch.nn.Parameter:
+    """p (and its grad) with the dims' memory order reversed: same values, units not spans."""
+    if p.dim() < 2:
+        return p
+    dims = list(range(p.dim()))[::-1]
+    q = torch.nn.Parameter(p.detach().permute(dims).contiguous().permute(dims))
+    q.grad = p.grad.permute(dims).contiguous().permute(dims)
+    return q
+
+
 def _neptune_lists(params, state_dtype=torch.float32):
     ms = [torch.zeros_like(p, dtype=state_dtype) for p in params]
     vs = [torch.zeros_like(p, dtype=state_dtype) for p in params]
@@ -175,8 +207,28 @@ def build_instance(name: str, params: list[torch.nn.Parameter]) -> Instance:
 
         return Instance(step, nbytes, [params, lists])
 
-    if name == "neptune-optimizer":
-        opt = neptune_ext.Neptune(params, **HP, **NEPTUNE_HP, implementation="op")
+    if name in TIMM_CONTENDERS:
+        from timm.optim import create_optimizer_v2
+        from timm.utils.agc import adaptive_clip_grad
+
+        opt = create_optimizer_v2(params, "cadamw", **HP, foreach=name.endswith("-foreach"))
+        clip = NEPTUNE_HP["clip"]
+
+        def step():
+            adaptive_clip_grad(params, clip_factor=clip, eps=1e-3)
+            opt.step()
+
+        def nbytes():
+            return sum(_traffic(p, [opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")]) for p in params)
+
+        return Instance(step, nbytes, [params, opt])
+
+    if name == "neptune-optimizer-strided":
+        params = [_transposed(p) for p in params]
+    if name in ("neptune-optimizer", "neptune-optimizer-strided"):
+        # float64 has no kernel: the default implementation steps it through the exact path.
+        impl = "auto" if params and params[0].dtype == torch.float64 else "op"
+        opt = neptune_ext.Neptune(params, **HP, **NEPTUNE_HP, implementation=impl)
     elif name == "adamw-forloop":
         opt = torch.optim.AdamW(params, **HP, foreach=False)
     elif name == "adamw-foreach":
@@ -216,7 +268,15 @@ def available_contenders(device: str, wanted: list[str]) -> tuple[list[str], lis
             except Exception as e:  # not installed or its op cannot build: skipped
                 notes.append(f"deepspeed-cpu-adam: skipped, deepspeed not importable ({type(e).__name__})")
                 continue
-        if c in ("neptune-op", "neptune-op-bf16state", "neptune-optimizer") and not neptune_ext.has_kernel(device):
+        if c in TIMM_CONTENDERS:
+            try:
+                import timm.optim  # noqa: F401
+                import timm.utils.agc  # noqa: F401
+            except ImportError as e:
+                notes.append(f"{c}: skipped, timm not importable ({type(e).__name__})")
+                continue
+        if (c in ("neptune-op", "neptune-op-bf16state", "neptune-optimizer", "neptune-optimizer-strided")
+                and not neptune_ext.has_kernel(device)):
             notes.append(f"{c}: skipped, no compiled Neptune kernel for {device} ({neptune_ext.ops.describe_build()})")
             continue
         run.append(c)
@@ -339,8 +399,12 @@ def _free(device: str):
 
 def footprint(pset: ParamSet, dtype: torch.dtype, name: str) -> int:
     es = torch.empty((), dtype=dtype).element_size()
-    state = 8 if name.startswith("neptune") or dtype == torch.float32 else 2 * es
+    state = 8 if (name.startswith("neptune") and es < 8) or dtype == torch.float32 else 2 * es
     temp = 2 * 4 if name in ("adamw-foreach", "adamw-forloop") else 0  # intermediates, rough
+    if name in TIMM_CONTENDERS:
+        temp = 3 * 4  # AGC's clipped and selected grads, cadamw's mask
+    if name == "neptune-optimizer-strided":
+        temp = 2 * es  # transposed copies of the params and grads, and the scratch copy
     if name == "neptune-reference":
         temp = 8 * 4 * max(math.prod(s) for s in pset.shapes) / max(pset.n_params, 1)
     return int(pset.n_params * (2 * es + state + temp))
@@ -419,8 +483,11 @@ def run_cell(pset: ParamSet, dtype: torch.dtype, contenders: list[str], args, ti
             launches=launches.get(c, ""), mode=mode, copies=copies,
         ))
     fused = next((r["median_ms"] for r in rows if r["contender"] == "adamw-fused"), None)
+    by_name = {r["contender"]: r["median_ms"] for r in rows}
+    neptune = by_name.get("neptune-optimizer", by_name.get("neptune-op"))
     for r in rows:
         r["ratio_to_adamw_fused"] = r["median_ms"] / fused if fused else ""
+        r["ratio_to_neptune"] = r["median_ms"] / neptune if neptune else ""
         r["frac_of_copy"] = r["GB_s"] / args._copy_gbs if args._copy_gbs and device == "cuda" else ""
     return rows
 
@@ -469,7 +536,7 @@ def _fmt(v, col: str) -> str:
         return f"{v:.4g}"
     if col == "GB_s":
         return f"{v:.3g}"
-    if col in ("ratio_to_adamw_fused", "frac_of_copy"):
+    if col in ("ratio_to_adamw_fused", "ratio_to_neptune", "frac_of_copy"):
         return f"{v:.3g}"
     return str(v)
 
@@ -506,9 +573,15 @@ def header_lines(args, dtype_name: str, threads: int) -> list[str]:
         lines.append("- timing: time.perf_counter around each step")
     lines.append(f"- hyperparameters: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2; Neptune clip 0.1, cautious")
     lines.append("- bytes_per_step: param r/w + grad r + state r/w from the tensors each contender touches "
-                 "(fp32 28 B/param; bf16 Neptune 22, torch AdamW bf16 state 14); GB_s = bytes / median")
+                 "(fp32 28 B/param; bf16 Neptune 22, torch AdamW bf16 state 14; fp64 56); GB_s = bytes / median")
     lines.append("- ratio_to_adamw_fused = median / adamw-fused median (< 1: faster than fused AdamW); "
+                 "ratio_to_neptune = median / neptune-optimizer median (neptune-op if the optimizer is not run); "
                  "mode: interleaved (round-robin per step) or blocked (ABBA blocks, one contender in memory)")
+    if any(c in TIMM_CONTENDERS for c in args._contenders):
+        lines.append("- timm-agc-cadamw-*: a composite, not Neptune's rule: timm.utils.agc.adaptive_clip_grad "
+                     "(clip_factor 0.1, eps 1e-3; unit-wise like Neptune's clipping) then timm's cadamw "
+                     "(foreach / for-loop), whose caution mask is normalised per tensor rather than per unit; "
+                     "its AGC pass is not counted in bytes_per_step")
     return lines
 
 
@@ -530,13 +603,14 @@ def write_outputs(rows: list[dict], args, dtype_name: str, threads: int) -> list
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     paths.append(base + ".md")
-    png = plot(rows, base + ".png", f"{args.device} {dtype_name}" + (f" t{threads}" if args.device == "cpu" else ""))
+    png = plot(rows, base + ".png", f"{args.device} {dtype_name}" + (f" t{threads}" if args.device == "cpu" else ""),
+               ceiling_gbs=args._copy_gbs)
     if png:
         paths.append(png)
     return paths
 
 
-def plot(rows: list[dict], path: str, title: str) -> str | None:
+def plot(rows: list[dict], path: str, title: str, ceiling_gbs: float | None = None) -> str | None:
     try:
         import matplotlib
 
@@ -545,34 +619,69 @@ def plot(rows: list[dict], path: str, title: str) -> str | None:
     except ImportError:
         log("matplotlib not importable: no plot")
         return None
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    contenders = list(dict.fromkeys(r["contender"] for r in rows))
-    colors = {c: f"C{i}" for i, c in enumerate(contenders)}
-    markers = "osD^vP*X"
-    named = list(dict.fromkeys(r["set"] for r in rows if not r["set"].startswith("single")))
-    for c in contenders:
-        for sweep, ls in (("single", "-"), ("single:1d", ":")):
-            pts = sorted((r["n_params"], r["GB_s"]) for r in rows if r["contender"] == c and r["set"] == sweep)
-            if pts:
-                ax.plot(*zip(*pts), ls, color=colors[c], marker=".", label=c if sweep == "single" else f"{c} (1-D)")
-        for j, s in enumerate(named):
-            pts = [(r["n_params"], r["GB_s"]) for r in rows if r["contender"] == c and r["set"] == s]
-            if pts:
-                ax.scatter(*zip(*pts), color=colors[c], marker=markers[j % len(markers)], s=50,
-                           label=c if not any(r["set"].startswith("single") for r in rows) and j == 0 else None)
-    for j, s in enumerate(named):  # one legend entry per named set (marker shape)
-        ax.scatter([], [], color="gray", marker=markers[j % len(markers)], label=f"set {s}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters per step")
-    ax.set_ylabel("effective GB/s (minimum bytes / median step time)")
-    ax.set_title(f"Optimizer step, {title}: lines = single tensor sweep, markers = named sets")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    fig = figure(rows, title, ceiling_gbs)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def figure(rows: list[dict], title: str, ceiling_gbs: float | None = None):
+    """Named sets as grouped bars (GB/s per contender, per set; the copy ceiling as a line),
+    the single-tensor sweeps as lines of GB/s against parameter count."""
+    import matplotlib.pyplot as plt
+
+    contenders = list(dict.fromkeys(r["contender"] for r in rows))
+    colors = {c: f"C{i % 10}" for i, c in enumerate(contenders)}
+    named = list(dict.fromkeys(r["set"] for r in rows if not r["set"].startswith("single")))
+    sweeps = [s for s in ("single", "single:1d") if any(r["set"] == s for r in rows)]
+    panels = (["bars"] if named else []) + (["lines"] if sweeps else [])
+    if not panels:
+        return None
+    widths = [max(2.0, 1.2 * len(named)) if p == "bars" else 4.0 for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 + 2 * sum(widths), 5.5), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, panel in zip(axes[0], panels):
+        if panel == "bars":
+            width = 0.8 / len(contenders)
+            for i, c in enumerate(contenders):
+                xs, ys = [], []
+                for j, s in enumerate(named):
+                    v = next((r["GB_s"] for r in rows if r["contender"] == c and r["set"] == s), None)
+                    if v is not None:
+                        xs.append(j - 0.4 + width * (i + 0.5))
+                        ys.append(v)
+                bars = ax.bar(xs, ys, width, color=colors[c], label=c)
+                ax.bar_label(bars, fmt="%.3g", fontsize=6, rotation=90, padding=2)
+            if ceiling_gbs:
+                ax.axhline(ceiling_gbs, color="black", ls="--", lw=1,
+                           label=f"memory copy ceiling {ceiling_gbs:.3g} GB/s")
+            ax.set_xticks(range(len(named)), named)
+            ax.set_ylabel("GB/s (minimum bytes / median step time)")
+            ax.set_title("named parameter sets")
+            ax.margins(y=0.15)
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.legend(fontsize=7, loc="upper right")
+        else:
+            for c in contenders:
+                for sweep, ls in (("single", "-"), ("single:1d", ":")):
+                    pts = sorted((r["n_params"], r["GB_s"]) for r in rows if r["contender"] == c and r["set"] == sweep)
+                    if pts:
+                        ax.plot(*zip(*pts), ls, color=colors[c], marker=".",
+                                label=c if sweep == "single" else f"{c} (1-D)")
+            if ceiling_gbs:
+                ax.axhline(ceiling_gbs, color="black", ls="--", lw=1, label="memory copy ceiling")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("parameters in the single tensor")
+            ax.set_ylabel("GB/s")
+            ax.set_title("single-tensor sweep" + (" (dotted: 1-D)" if "single:1d" in sweeps else ""))
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"Optimizer step, {title}")
+    fig.tight_layout()
+    return fig
 
 
 # ---------------------------------------------------------------------------------------
@@ -684,6 +793,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           if not (c == "neptune-reference" and not args.reference_all and too_big)]
                     if dtype != torch.float32:
                         cs = [c for c in cs if c != "deepspeed-cpu-adam"]
+                    if dtype == torch.float64:
+                        cs = [c for c in cs if c in FP64_CONTENDERS]
                     t0 = time.perf_counter()
                     cell = run_cell(pset, dtype, cs, args, timer, l2, mem_budget)
                     rows += cell

@@ -7,6 +7,7 @@ from .ops import build_info, has_kernel, neptune_step_
 from .optimizer import Neptune
 from .param_groups import find_head, param_groups
 from .reference import neptune_step_reference, neptune_step_reference_multi
+from .timm_registry import register_timm
 
 __all__ = [
     "Neptune",
@@ -17,5 +18,6 @@ __all__ = [
     "neptune_step_reference",
     "neptune_step_reference_multi",
     "param_groups",
+    "register_timm",
 ]
 __version__ = "0.1.0"

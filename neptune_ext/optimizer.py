@@ -11,8 +11,14 @@ from torch.optim import Optimizer
 from . import ops
 from .reference import neptune_step_reference_multi
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the operator's
+# Stepped by the reference computed in float64, with float64 state (as AdamW keeps it):
+# exact where float32 arithmetic would round a float64 param's update away.
+EXACT_DTYPES = (torch.float64,)
 _IMPLEMENTATIONS = ("auto", "op", "reference")
+# How this process runs the step, not what the training computes: a loaded checkpoint
+# keeps the values the optimizer was built with (its state is converted to them).
+_RUNTIME_KEYS = ("implementation", "state_dtype", "foreach", "fused")
 _warned_devices: set[str] = set()
 
 
@@ -43,6 +49,20 @@ def validate_hyperparameters(group: dict) -> None:
         _check_range(flag, group[flag], isinstance(group[flag], bool), "True or False")
     impl = group["implementation"]
     _check_range("implementation", impl, impl in _IMPLEMENTATIONS, " | ".join(_IMPLEMENTATIONS))
+    for flag in ("foreach", "fused"):
+        value = group.get(flag)
+        _check_range(flag, value, value is None or isinstance(value, bool), "None, True or False")
+    if group.get("fused") and group.get("foreach"):
+        raise ValueError("Neptune: invalid fused=True with foreach=True; valid range: at most one of them True "
+                         "(as in torch.optim.AdamW)")
+    if group.get("fused") and impl == "reference":
+        raise ValueError("Neptune: invalid fused=True with implementation='reference'; valid range: fused=True "
+                         "asks for the compiled operator, so implementation 'auto' or 'op'")
+    diff = group.get("differentiable", False)
+    _check_range("differentiable", diff, diff is False,
+                 "False (the step is a fused in-place operator with no autograd formula, run under "
+                 "torch.no_grad(), so nothing can be differentiated through it, as with "
+                 "torch.optim.AdamW(fused=True))")
     sd = group.get("state_dtype", "float32")
     _check_range("state_dtype", sd, _state_dtype_name(sd, strict=False) in _STATE_DTYPES,
                  "torch.float32 or torch.bfloat16")
@@ -94,6 +114,20 @@ class Neptune(Optimizer):
             variant keeps ``exp_avg`` / ``exp_avg_sq`` in bfloat16, halving optimizer
             memory; the arithmetic stays float32 and the state is stochastically rounded
             with deterministic random bits (reference, CPU and CUDA operators).
+        foreach, fused: accepted as ``torch.optim.AdamW`` takes them (None, True or
+            False; not both True). In AdamW they choose an implementation with the same
+            result; Neptune has one multi-tensor fused step per device, so ``foreach`` and
+            ``fused=False`` change nothing, and ``fused=True`` forbids the fallback to the
+            reference when no kernel is compiled for a param's device (an error instead,
+            as AdamW(fused=True) raises on a device without a fused kernel).
+        differentiable: only False: the step is a fused in-place operator with no autograd
+            formula, so it cannot be differentiated through.
+
+    Params may have any strides (transposed, sliced, expanded along no dim): a param whose
+    units are not contiguous spans (dense with dim 0 outermost) is stepped through a dense
+    scratch copy, with its state kept in that copy's layout. float64 params are stepped exactly by the
+    reference computed in float64, with float64 state, in the same step as the group's
+    other params.
 
     Distributed: DDP and ``ZeroRedundancyOptimizer(optimizer_class=Neptune)`` work as they
     do for AdamW. With FSDP2 (``fully_shard``, DTensor params) the operator steps the local
@@ -103,7 +137,8 @@ class Neptune(Optimizer):
     rank, and its local shard written back.
 
     State per parameter: ``step`` (float32 scalar on the param's device), ``exp_avg`` and
-    ``exp_avg_sq`` (float32 whatever the param dtype).
+    ``exp_avg_sq`` (float32, or the group's ``state_dtype``, whatever the param dtype;
+    float64 for float64 params).
     """
 
     # GradScaler passes grad_scale / found_inf; unscaling happens inside the operator.
@@ -124,12 +159,16 @@ class Neptune(Optimizer):
         capturable: bool = False,
         skip_nonfinite: bool = False,
         state_dtype: torch.dtype | str = torch.float32,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip,
             cautious=cautious, maximize=maximize, implementation=implementation,
             capturable=capturable, skip_nonfinite=skip_nonfinite,
-            state_dtype=_state_dtype_name(state_dtype),
+            state_dtype=_state_dtype_name(state_dtype), foreach=foreach, fused=fused,
+            differentiable=differentiable,
         )
         validate_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -150,22 +189,30 @@ class Neptune(Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("skip_nonfinite", False)
             group.setdefault("state_dtype", "float32")
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("differentiable", False)
 
     # -- state ---------------------------------------------------------------------------
 
     def _init_group(self, group: dict, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
-                    steps: list) -> bool:
+                    steps: list, x_params: list, x_grads: list, x_exp_avgs: list, x_exp_avg_sqs: list,
+                    x_steps: list, scratch_params: list, scratch_copies: list) -> bool:
         """Fill the lists with the group's params that have a grad, creating their state.
 
         Same convention as torch's own optimizers (the lists are filled in place and the
         return value is a constant), which torch.compile special-cases so that this loop
-        is not traced at every step.
+        is not traced at every step (hence flat lists only). float64 params go to the
+        five x_ lists. A param whose units are not contiguous spans goes to the lists as a
+        dense scratch copy, the param and its copy to scratch_params / scratch_copies, for
+        the step to write back.
         """
         # Per param and step this loop costs about 1 us (10,000 params: 10 ms): cheap checks
         # first. Autograd and the .grad setter already keep grads to the param's dtype,
         # device and shape.
-        reference = group["implementation"] == "reference"
+        implementation = group["implementation"]
         sdt = _STATE_DTYPES[group["state_dtype"]]
+        exact = (x_params, x_grads, x_exp_avgs, x_exp_avg_sqs, x_steps)
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -173,58 +220,89 @@ class Neptune(Optimizer):
             if grad.layout is not torch.strided:
                 raise RuntimeError("Neptune does not support sparse gradients (use dense gradients, e.g. sparse=False in nn.Embedding)")
             dtype = p.dtype
+            lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
             if dtype not in SUPPORTED_DTYPES:
                 if dtype.is_complex:
                     raise RuntimeError("Neptune does not support complex parameters (view them as real with torch.view_as_real)")
-                if not reference:
+                if dtype in EXACT_DTYPES and implementation != "op":
+                    lists = exact
+                elif implementation != "reference":
                     raise TypeError(
-                        f"Neptune supports float32, bfloat16 and float16 params, got {dtype}; "
-                        "use implementation='reference' for other dtypes"
+                        f"Neptune: the operator supports float32, bfloat16 and float16 params, got {dtype}; "
+                        "implementation='auto' steps float64 params exactly (the reference in float64), "
+                        "implementation='reference' steps other dtypes"
                     )
             state = self.state[p]
-            contiguous = p.is_contiguous()
+            # The operator wants units as contiguous spans and grad and state with the
+            # param's strides. Dense params keep their layout (no copy); others are
+            # stepped through a dense copy (dim 0 outermost, the other dims in the
+            # param's memory order: the cheapest copy), their state kept in that layout.
+            # The reference (float64) takes any layout.
+            spans = lists is exact or _is_dtensor(p) or _units_are_spans(p)
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
-            elif not (contiguous and state["exp_avg"].is_contiguous()) and state["exp_avg"].stride() != p.stride():
+                state["exp_avg"] = _new_state(p, _state_dtype_of(p, sdt), spans)
+                state["exp_avg_sq"] = _new_state(p, _state_dtype_of(p, sdt), spans)
+            elif lists is not exact and not (_same_layout(state["exp_avg"], p, spans)
+                                             and _same_layout(state["exp_avg_sq"], p, spans)):
                 for key in ("exp_avg", "exp_avg_sq"):  # e.g. after model.to(memory_format=...)
-                    state[key] = _like_param(p, state[key])
-            if not (contiguous and grad.is_contiguous()) and grad.stride() != p.stride():
+                    state[key] = _new_state(p, state[key].dtype, spans).copy_(state[key])
+            p_step = p
+            if not spans:
+                p_step = _new_state(p, p.dtype, False).copy_(p.detach())
+                scratch_params.append(p)
+                scratch_copies.append(p_step)
+                if grad.stride() != p_step.stride():
+                    grad = _new_state(p, grad.dtype, False).copy_(grad)
+            elif lists is not exact and not _same_layout(grad, p, True):
                 grad = _like_param(p, grad)  # the operator walks all four tensors alike
-            params.append(p)
-            grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+            lists[0].append(p_step)
+            lists[1].append(grad)
+            lists[2].append(state["exp_avg"])
+            lists[3].append(state["exp_avg_sq"])
+            lists[4].append(state["step"])
         return False
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As Optimizer.load_state_dict, but state keeps the group's state dtype (float32,
-        or bfloat16 in the memory-lean variant) whatever the param dtype (torch's default
-        casts it to the param's dtype, which would round fp32 moments of bf16 params to
-        bf16) and lives on the param's device, `step` (float32) included."""
+        """As Optimizer.load_state_dict, with these conversions:
+
+        - ``exp_avg`` / ``exp_avg_sq`` take the group's state dtype as this optimizer was
+          built (float32, or bfloat16 in the memory-lean variant; float64 for float64
+          params) whatever the checkpoint holds: bfloat16 moments widen exactly to float32,
+          float32 ones are rounded to the nearest bfloat16 (torch's default would cast
+          them to the param's dtype, rounding fp32 moments of bf16 params to bf16); they
+          live on the param's device in the layout the step uses;
+        - ``step`` becomes a float32 scalar tensor on the param's device, also when the
+          checkpoint holds a plain number (older PyTorch checkpoints), as AdamW does;
+        - ``implementation``, ``state_dtype``, ``foreach`` and ``fused`` stay as this
+          optimizer was built: they say how this process steps, not what it computes.
+          Groups lacking Neptune's keys (an AdamW checkpoint) take this optimizer's
+          defaults; everything else (lr, betas, clip, ...) comes from the checkpoint.
+        """
         saved = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        runtime = [{k: g[k] for k in _RUNTIME_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        for group, keep in zip(self.param_groups, runtime):
+            group.update(keep)
             validate_hyperparameters(group)
         groups = [g for g in self.param_groups for _ in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p, group in zip(saved_ids, params, groups):
             if saved_id not in saved:
                 continue
+            spans = _is_dtensor(p) or p.dtype in EXACT_DTYPES or _units_are_spans(p)
             for key, value in saved[saved_id].items():
-                if key == "step" and isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                if key == "step" and isinstance(value, (Tensor, int, float)):
+                    self.state[p][key] = torch.as_tensor(value).to(device=p.device, dtype=torch.float32, copy=True).reshape(())
                 elif key in ("exp_avg", "exp_avg_sq") and isinstance(value, Tensor):
-                    # The param's layout (e.g. channels_last), whatever the checkpoint's.
-                    dtype = _STATE_DTYPES[group["state_dtype"]]
-                    self.state[p][key] = _like_param(p, value, dtype)
+                    dtype = _state_dtype_of(p, _STATE_DTYPES[group["state_dtype"]])
+                    self.state[p][key] = _new_state(p, dtype, spans).copy_(value)
 
     # -- step ----------------------------------------------------------------------------
 
-    def _use_op(self, device: torch.device, implementation: str) -> bool:
+    def _use_op(self, device: torch.device, group: dict) -> bool:
+        implementation = group["implementation"]
         if implementation == "reference":
             return False
         if ops.has_kernel(device.type):
@@ -233,8 +311,8 @@ class Neptune(Optimizer):
             f"neptune_ext: no compiled Neptune kernel for device '{device.type}' "
             f"({ops.describe_build()}); {ops.REBUILD_HINT}."
         )
-        if implementation == "op" or ops.require_kernel():
-            raise RuntimeError(message + f" ({ops.REQUIRE_KERNEL_ENV}=1 or implementation='op' forbids the fallback)")
+        if implementation == "op" or group.get("fused") or ops.require_kernel():
+            raise RuntimeError(message + f" ({ops.REQUIRE_KERNEL_ENV}=1, implementation='op' or fused=True forbids the fallback)")
         if device.type not in _warned_devices:
             _warned_devices.add(device.type)
             warnings.warn(
@@ -260,8 +338,10 @@ class Neptune(Optimizer):
         steppers = []
         for group in self.param_groups:
             lists: tuple[list, ...] = ([], [], [], [], [])
-            self._init_group(group, *lists)
-            if not lists[0]:
+            exact: tuple[list, ...] = ([], [], [], [], [])
+            scratch: tuple[list, list] = ([], [])
+            self._init_group(group, *lists, *exact, *scratch)
+            if not lists[0] and not exact[0]:
                 continue
             hyper = dict(
                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
@@ -269,16 +349,17 @@ class Neptune(Optimizer):
                 cautious=group["cautious"], maximize=group["maximize"],
             )
             local, gathered = _split_dtensors(lists)
-            steppers.append((group, hyper, _buckets_by_device(local), gathered))
+            steppers.append((group, hyper, _buckets_by_device(local), gathered, exact, scratch))
         # Kernel availability (which may raise) before anything is written.
-        for group, _, buckets, gathered in steppers:
+        for group, _, buckets, gathered, _, _ in steppers:
             for device, _ in buckets:
-                self._use_op(device, group["implementation"])
-        for group, hyper, buckets, gathered in steppers:
+                self._use_op(device, group)
+        for group, hyper, buckets, gathered, exact, scratch in steppers:
             inf = found_inf
             if group["skip_nonfinite"]:
                 grads = [(device, tensors[1]) for device, tensors in buckets]
                 grads += [(item[1].device, [item[1].to_local()]) for item in gathered]
+                grads += [(g.device, [g]) for g in exact[1]]
                 inf = _nonfinite_flags(grads, found_inf)
             for device, tensors in buckets:
                 self._step_tensors(group, device, tensors, hyper, grad_scale, inf)
@@ -288,21 +369,17 @@ class Neptune(Optimizer):
                                    grad_scale, inf)
                 for dst, src in ((item[0], full[0]), (item[2], full[2]), (item[3], full[3])):
                     dst.to_local().copy_(_local_shard_of(src, dst))
+            for tensors in zip(*exact):  # float64: the reference in float64
+                device = tensors[0].device
+                neptune_step_reference_multi(*[[t] for t in tensors], **_device_kwargs(device, hyper, grad_scale, inf),
+                                             compute_dtype=torch.float64)
+            for p, work in zip(*scratch):
+                p.copy_(work)
         return loss
 
     def _step_tensors(self, group, device, tensors, hyper, grad_scale, found_inf) -> None:
-        # Non-blocking only into CUDA: a CPU kernel reads the value at once.
-        nb = device.type == "cuda"
-        scale = grad_scale.to(device, non_blocking=nb) if grad_scale is not None else None
-        inf = found_inf.to(device, non_blocking=nb) if found_inf is not None else None
-        lr = hyper["lr"]
-        # The op dispatches on its tensors' device: move a device lr to CPU params. A CPU lr
-        # stays as it is for CUDA params, whose op reads it on the host (a copy to the
-        # device would block on the host every step).
-        if isinstance(lr, Tensor) and lr.device != device and lr.device.type != "cpu":
-            lr = lr.to(device)
-        kw = dict(hyper, lr=lr, grad_scale=scale, found_inf=inf)
-        if self._use_op(device, group["implementation"]):
+        kw = _device_kwargs(device, hyper, grad_scale, found_inf)
+        if self._use_op(device, group):
             ops.neptune_step_(*tensors, **kw)
         else:
             neptune_step_reference_multi(*tensors, **kw)
@@ -345,6 +422,75 @@ def _buckets_by_device(lists) -> list:
             device = tensors[0][0].device
         buckets.append((device, tensors))
     return buckets
+
+
+def _device_kwargs(device, hyper, grad_scale, found_inf) -> dict:
+    """The step's keyword arguments with grad_scale, found_inf and a device lr on `device`."""
+    # Non-blocking only into CUDA: a CPU kernel reads the value at once.
+    nb = device.type == "cuda"
+    scale = grad_scale.to(device, non_blocking=nb) if grad_scale is not None else None
+    inf = found_inf.to(device, non_blocking=nb) if found_inf is not None else None
+    lr = hyper["lr"]
+    # The op dispatches on its tensors' device: move a device lr to CPU params. A CPU lr
+    # stays as it is for CUDA params, whose op reads it on the host (a copy to the
+    # device would block on the host every step).
+    if isinstance(lr, Tensor) and lr.device != device and lr.device.type != "cpu":
+        lr = lr.to(device)
+    return dict(hyper, lr=lr, grad_scale=scale, found_inf=inf)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one span of memory, in any dim order."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _units_are_spans(p: Tensor) -> bool:
+    """What the operator accepts (csrc/neptune_checks.h, units_are_spans): dense memory with
+    dim 0 outermost, so each unit p[i] is one contiguous span (channels_last conv weights
+    are; transposed, sliced or strided views are not)."""
+    if p.numel() == 0 or p.is_contiguous():
+        return True
+    if not _is_dense(p):
+        return False
+    return p.dim() < 2 or p.shape[0] <= 1 or p.stride(0) == p.numel() // p.shape[0]
+
+
+def _span_strides(p: Tensor) -> tuple[int, ...]:
+    """Dense strides for p's shape with dim 0 outermost and the other dims in p's memory
+    order: copying p there moves whole runs that are already contiguous (a transposed
+    conv weight becomes one 2-D transpose, not a 4-D permutation)."""
+    strides = [0] * p.dim()
+    acc = 1
+    for d in sorted(range(1, p.dim()), key=lambda d: (p.stride(d), -d)):  # innermost first
+        strides[d] = acc
+        acc *= p.shape[d]
+    if p.dim():
+        strides[0] = acc
+    return tuple(strides)
+
+
+def _same_layout(t: Tensor, p: Tensor, spans: bool) -> bool:
+    """Whether `t` has the layout the step wants for `p`: p's strides when its units are
+    spans (dense), else those of p's scratch copy (_span_strides)."""
+    if not spans:
+        return t.stride() == _span_strides(p)
+    return (p.is_contiguous() and t.is_contiguous()) or t.stride() == p.stride()
+
+
+def _new_state(p: Tensor, dtype: torch.dtype, spans: bool) -> Tensor:
+    """Zeros in the layout the step wants for p (see _same_layout)."""
+    if spans:
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    return torch.empty_strided(p.shape, _span_strides(p), dtype=dtype, device=p.device).zero_()
+
+
+def _state_dtype_of(p: Tensor, group_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if p.dtype in EXACT_DTYPES else group_dtype
 
 
 def _like_param(p: Tensor, value: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -53,6 +53,13 @@ def test_resnet50_matches_torchvision():
 def test_bench_step_quick_run(tmp_path):
     bench = _load_bench()
     contenders = "neptune-op,neptune-optimizer,neptune-reference,adamw-foreach,adamw-fused"
+    try:  # the timm composite runs when timm is installed (CI installs it)
+        import timm  # noqa: F401
+
+        contenders += ",timm-agc-cadamw-foreach,timm-agc-cadamw-forloop"
+    except ImportError:
+        pass
+    n_contenders = len(contenders.split(","))
     rows = bench.main([
         "--quick", "--device", "cpu", "--threads", "1", "--dtype", "fp32,bf16",
         "--sets", "resnet50,many-small,single", "--single-range", "10:12:2",
@@ -66,10 +73,11 @@ def test_bench_step_quick_run(tmp_path):
     with open(tmp_path / "step_cpu_fp32_t1_quick.csv") as f:
         got = list(csv.DictReader(f))
     required = ["set", "n_tensors", "n_params", "dtype", "threads", "contender", "median_ms", "p20_ms",
-                "p80_ms", "bytes_per_step", "GB_s", "ratio_to_adamw_fused", "frac_of_copy", "launches"]
+                "p80_ms", "bytes_per_step", "GB_s", "ratio_to_adamw_fused", "ratio_to_neptune", "frac_of_copy",
+                "launches"]
     assert all(c in got[0] for c in required)
-    # 4 sets (resnet50, many-small, single 2^10, 2^12) x 5 contenders
-    assert len(got) == 4 * 5
+    # 4 sets (resnet50, many-small, single 2^10, 2^12) x the contenders
+    assert len(got) == 4 * n_contenders
     assert {r["contender"] for r in got} == set(contenders.split(","))
     for r in got:
         med, p20, p80 = float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"])
@@ -84,22 +92,49 @@ def test_bench_step_quick_run(tmp_path):
             assert math.isclose(float(r["ratio_to_adamw_fused"]), 1.0)
         else:
             assert float(r["ratio_to_adamw_fused"]) > 0
+        if r["contender"] == "neptune-optimizer":
+            assert math.isclose(float(r["ratio_to_neptune"]), 1.0)
+        mine = [x for x in got if x["set"] == r["set"] and x["n_params"] == r["n_params"]]
+        neptune = next(float(x["median_ms"]) for x in mine if x["contender"] == "neptune-optimizer")
+        assert math.isclose(float(r["ratio_to_neptune"]), med / neptune, rel_tol=1e-3)
     single = [r for r in got if r["set"] == "single"]
     assert sorted({int(r["n_params"]) for r in single}) == [1024, 4096]
 
     # bf16 params: Neptune keeps fp32 state (22 B/param), torch AdamW bf16 state (14 B/param)
     bf = [r for r in rows if r["dtype"] == "bf16"]
     for r in bf:
-        per = 22 if r["contender"].startswith("neptune") else 14
+        per = 22 if r["contender"].startswith("neptune") else 14  # timm's cadamw: bf16 state, like AdamW
         assert r["bytes_per_step"] == per * r["n_params"], r
 
     md = (tmp_path / "step_cpu_bf16_t1_quick.md").read_text()
     assert "torch " + torch.__version__ in md and "git:" in md and "threads: 1" in md
     header = next(line for line in md.splitlines() if line.startswith("| set"))
-    for col in ("contender", "median_ms", "p20_ms", "p80_ms", "GB_s", "ratio_to_adamw_fused"):
+    for col in ("contender", "median_ms", "p20_ms", "p80_ms", "GB_s", "ratio_to_adamw_fused", "ratio_to_neptune"):
         assert col in header
     table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| set")]
-    assert len(table) == 4 * 5
+    assert len(table) == 4 * n_contenders
+    if "timm" in contenders:
+        assert "composite" in md and "normalised per tensor rather than per unit" in md
+
+
+def test_plot_draws_named_sets_as_grouped_bars_and_the_sweep_as_lines():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    bench = _load_bench()
+    rows = [dict(set=s, n_params=n, contender=c, GB_s=g)
+            for s, n in (("resnet50", 25_557_032), ("many-small", 10_000_000))
+            for c, g in (("neptune-op", 10.0), ("adamw-fused", 8.0), ("timm-agc-cadamw-foreach", 2.0))]
+    rows += [dict(set="single", n_params=2**k, contender=c, GB_s=k * f)
+             for k in (10, 12) for c, f in (("neptune-op", 1.0), ("adamw-fused", 0.5))]
+    fig = bench.figure(rows, "test", ceiling_gbs=20.0)
+    bars, lines = fig.axes
+    assert len(bars.containers) == 3  # one bar group per contender
+    assert [len(c) for c in bars.containers] == [2, 2, 2]  # one bar per set
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["resnet50", "many-small"]
+    assert any(list(line.get_ydata()) == [20.0, 20.0] for line in bars.get_lines())  # the ceiling
+    assert {line.get_label() for line in lines.get_lines()} >= {"neptune-op", "adamw-fused"}
+    plt.close(fig)
 
 
 def test_bench_step_rejects_unknown_set(tmp_path):

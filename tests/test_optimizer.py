@@ -235,11 +235,13 @@ def test_complex_param_raises():
         Neptune([p]).step()
 
 
-def test_float64_params_need_the_reference():
+def test_float64_params_need_the_default_or_reference_implementation():
+    """The operator has no float64 kernel: implementation='op' says so; 'auto' (the default)
+    steps float64 params exactly (tests/test_dropin.py)."""
     p = nn.Parameter(torch.randn(3, dtype=torch.float64))
     p.grad = torch.randn(3, dtype=torch.float64)
-    with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
-        Neptune([p]).step()
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16 params, got torch.float64"):
+        Neptune([p], implementation="op").step()
     Neptune([p], implementation="reference").step()
 
 

@@ -1,0 +1,58 @@
+"""The backends an optimizer-level test runs on: one entry each, skipped where unavailable.
+
+A backend is the device the params live on, the optimizer's ``implementation``, and
+optionally another operator with ``neptune_step_``'s signature to stand in for it (the
+optimizer calls ``neptune_ext.ops.neptune_step_``; ``use`` patches it). To add one, append
+an entry to BACKENDS, e.g. an emulation of the CUDA kernel on the CPU:
+
+    Backend("cpu-simt", "cpu", "op", op_name="_neptune_step_simt_")
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import neptune_ext
+from neptune_ext import ops as neptune_ops
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device: str
+    implementation: str  # the Neptune(implementation=...) to use
+    op_name: str | None = None  # torch.ops.neptune_ext.<op_name> replaces neptune_step_
+
+    def missing(self) -> str | None:
+        """Why this backend cannot run here, or None."""
+        if self.device == "cuda" and not torch.cuda.is_available():
+            return "needs a CUDA GPU"
+        if self.implementation == "op" and not neptune_ext.has_kernel(self.device):
+            return f"no compiled Neptune kernel for {self.device}"
+        if self.op_name is not None and not hasattr(torch.ops.neptune_ext, self.op_name):
+            return f"torch.ops.neptune_ext.{self.op_name} is not built"
+        return None
+
+    def use(self, monkeypatch) -> None:
+        """Skip if unavailable; route the optimizer's operator calls to op_name if set."""
+        why = self.missing()
+        if why:
+            pytest.skip(f"backend {self.name}: {why}")
+        if self.op_name is not None:
+            op = getattr(torch.ops.neptune_ext, self.op_name)
+
+            def step(params, grads, exp_avgs, exp_avg_sqs, steps, **kw):
+                overload = op.tensor_lr if isinstance(kw["lr"], torch.Tensor) else op.default
+                overload(params, grads, exp_avgs, exp_avg_sqs, steps, **kw)
+
+            monkeypatch.setattr(neptune_ops, "neptune_step_", step)
+
+
+BACKENDS = [
+    Backend("reference", "cpu", "reference"),
+    Backend("cpu-op", "cpu", "op"),
+    Backend("cuda-op", "cuda", "op"),
+]
+BACKEND_IDS = [b.name for b in BACKENDS]
