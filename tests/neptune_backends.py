@@ -2,10 +2,8 @@
 
 A backend is the device the params live on, the optimizer's ``implementation``, and
 optionally another operator with ``neptune_step_``'s signature to stand in for it (the
-optimizer calls ``neptune_ext.ops.neptune_step_``; ``use`` patches it). To add one, append
-an entry to BACKENDS, e.g. an emulation of the CUDA kernel on the CPU:
-
-    Backend("cpu-simt", "cpu", "op", op_name="_neptune_step_simt_")
+optimizer calls ``neptune_ext.ops.neptune_step_``; ``use`` patches it). "cuda-simt" is the
+CUDA operator's path with its unchanged kernels run on the CPU by the SIMT emulator.
 """
 from __future__ import annotations
 
@@ -53,6 +51,7 @@ class Backend:
 BACKENDS = [
     Backend("reference", "cpu", "reference"),
     Backend("cpu-op", "cpu", "op"),
+    Backend("cuda-simt", "cpu", "op", op_name="_neptune_step_simt_"),
     Backend("cuda-op", "cuda", "op"),
 ]
 BACKEND_IDS = [b.name for b in BACKENDS]
