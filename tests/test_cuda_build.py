@@ -40,7 +40,7 @@ def _ptxas_report(log: str) -> dict[str, dict[str, int]]:
     for line in log.splitlines():
         m = re.search(r"Compiling entry function '(\w+)'", line)
         if m:
-            k = re.search(r"(neptune_\w+?_kernel)(?:ILb([01])E)?", m.group(1))
+            k = re.search(r"\d(neptune_[a-z]+_kernel)(?:ILb([01])E)?", m.group(1))  # after its length
             current = k.group(1) + ("" if k.group(2) is None else ("<bf16 state>" if k.group(2) == "1" else "<fp32 state>"))
             out[current] = {}
             continue
