@@ -346,7 +346,12 @@ def replay(args):
         args.load_start, args.git_head = meta["load_start"], meta["git_head"]
     sweep_runs = [r for r in runs if r["phase"] == "sweep"]
     final = [r for r in runs if r["phase"] == "final"]
-    best_lr = {o: next(r["lr"] for r in final if r["arm"] == o) for o in lib.OPTIMIZERS if any(r["arm"] == o for r in final)}
+    best_lr = {}
+    for o in lib.OPTIMIZERS:  # the final arm's lr, else (cut short before it) the sweep's best
+        mine = [r for r in sweep_runs if r["optimizer"] == o and (o != "neptune" or (r["clip"] == 0.1 and r["cautious"] is True))]
+        lrs = {r["lr"] for r in mine}
+        best = max(lrs, key=lambda lr: mstd([r["final_test_acc"] for r in mine if r["lr"] == lr])[0], default=None)
+        best_lr[o] = next((r["lr"] for r in final if r["arm"] == o), best)
     clips = {r["clip"] for r in sweep_runs if r["optimizer"] == "neptune" and r["lr"] == best_lr.get("neptune")}
     best_clip = None
     if len(clips) > 1:
@@ -404,8 +409,10 @@ def plot(path, runs, arms, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     final = [r for r in runs if r["phase"] == "final"]
+    if not final:  # a report of a run cut short in its sweep
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for arm in arms:
         st = curves(runs, arm)
         ep = list(range(1, len(st) + 1))
@@ -485,15 +492,16 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
                 m = mstd([r["final_test_acc"] for r in sweep if r["optimizer"] == opt and r["lr"] == lr and
                           (opt != "neptune" or (r["clip"] == 0.1 and r["cautious"] is True))])[0]
                 cells.append(f"{lr:g}: {100 * m:.2f}")
-            L.append(f"| {opt} | " + ", ".join(cells) + f" | **{best_lr[opt]:g}** |")
+            chosen = f"**{best_lr[opt]:g}**" if best_lr.get(opt) is not None else "-"
+            L.append(f"| {opt} | " + ", ".join(cells) + f" | {chosen} |")
         L += ["", f"Neptune's clip at lr {best_lr['neptune']:g} (same sweep seeds):", ""]
         L.append("| clip | " + " | ".join(f"{c:g}" for c in [0.0] + CLIP_GRID) + " |")
         L.append("|---|" + "---|" * (len(CLIP_GRID) + 1))
         cells = []
         for c in [0.0] + CLIP_GRID:
-            m = mstd([r["final_test_acc"] for r in sweep if r["optimizer"] == "neptune" and r["lr"] == best_lr["neptune"]
-                      and r["clip"] == c and r["cautious"] is True])[0]
-            cells.append(f"{100 * m:.2f}")
+            xs = [r["final_test_acc"] for r in sweep if r["optimizer"] == "neptune" and r["lr"] == best_lr["neptune"]
+                  and r["clip"] == c and r["cautious"] is True]
+            cells.append(f"{100 * mstd(xs)[0]:.2f}" if xs else "-")  # "-": not run (a run cut short)
         L.append("| final validation acc (%) | " + " | ".join(cells) + " |")
         L.append("")
 
