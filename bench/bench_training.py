@@ -52,11 +52,11 @@ LR_GRID_SMALL = {"neptune": [1e-3, 3e-3, 1e-2], "adamw": [1e-3, 3e-3, 1e-2], "sg
 # fashion-mnist: chosen by timing probes on the 2-core CPU (see bench/results/training_fashion-mnist.md).
 PRESETS = {
     "digits": dict(epochs=8, batch_size=32, width=8, train_size=256, target=0.85, val_size=300,
-                   sweep_seeds=5, seeds=20, ablation_lrs="both"),
+                   sweep_seeds=5, seeds=20, ablation_lrs="both", best_clip_arm=True),
     "fashion-mnist": dict(epochs=8, batch_size=128, width=8, train_size=5000, target=0.84, val_size=3000,
-                          sweep_seeds=2, seeds=5, ablation_lrs="neptune", lr_grid=LR_GRID_SMALL),
+                          sweep_seeds=2, seeds=5, ablation_lrs="neptune", lr_grid=LR_GRID_SMALL, best_clip_arm=False),
     "cifar10": dict(epochs=10, batch_size=512, width=32, train_size=None, target=0.90, val_size=5000,
-                    sweep_seeds=3, seeds=5, ablation_lrs="neptune"),
+                    sweep_seeds=3, seeds=5, ablation_lrs="neptune", best_clip_arm=False),
 }
 # --full: every training image, sized for a GPU
 FULL = {
@@ -102,12 +102,21 @@ def _run(job: dict) -> dict:
     )
 
 
+def run_key(phase, arm, cfg: dict) -> tuple:
+    """What identifies a run in the progress log (--resume skips the jobs already there)."""
+    nep = cfg["optimizer"] == "neptune"
+    return (phase, arm, cfg["optimizer"], float(cfg["lr"]), cfg["seed"],
+            (0.1 if cfg.get("clip") is None else float(cfg["clip"])) if nep else "",
+            cfg.get("cautious", True) if nep else "")
+
+
 def run_jobs(jobs, args, desc):
+    out = [args.done[k] for k in (run_key(j["phase"], j["arm"], j["cfg"]) for j in jobs) if k in args.done]
+    jobs = [j for j in jobs if run_key(j["phase"], j["arm"], j["cfg"]) not in args.done]
     if not jobs:
-        return []
+        return out
     from tqdm import tqdm
 
-    out = []
 
     def keep(r):  # every finished run also goes to the progress log, so a cut-short run can be reported
         out.append(r)
@@ -172,6 +181,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--tag", default="", help="suffix of the output names")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in <stem>.runs.jsonl (same arguments) and run only the missing ones")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the .md/.png from the runs already in <stem>.runs.jsonl (a cut-short run, or a report change)")
     args = p.parse_args(argv)
@@ -186,7 +197,7 @@ def parse_args(argv=None):
         preset.update(FULL[args.dataset])
     args.lr_grid = preset.pop("lr_grid", LR_GRID)
     for k, v in preset.items():
-        if getattr(args, k) is None:
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.quick:
         args.epochs = min(args.epochs, 3)
@@ -289,7 +300,7 @@ def final_arms(args, best_lr, best_clip=None):
         arms["adamw lr=" + f"{lr_n:g}"] = base_cfg(args, "adamw", lr_n, 0)
         arms["neptune clip=0" + sfx] = base_cfg(args, "neptune", lr_a, 0, clip=0.0)
         arms["neptune cautious=False" + sfx] = base_cfg(args, "neptune", lr_a, 0, cautious=False)
-    if best_clip not in (None, 0.1, 0.0) and "neptune" in arms:
+    if args.best_clip_arm and best_clip not in (None, 0.1, 0.0) and "neptune" in arms:
         arms[f"neptune clip={best_clip:g}"] = base_cfg(args, "neptune", lr_n, 0, clip=best_clip)
     return arms
 
@@ -304,13 +315,23 @@ def main(argv=None):
     args.stem = stem = os.path.join(args.out_dir, name + ("_quick" if args.quick else ""))
     if args.report_only:
         return write_outputs(args, *replay(args))
-    if os.path.exists(stem + ".runs.jsonl"):
+    args.done = {}
+    if args.resume and os.path.exists(stem + ".runs.jsonl"):
+        with open(stem + ".runs.jsonl") as f:
+            for r in (json.loads(line) for line in f if line.strip()):
+                args.done[(r["phase"], r["arm"], r["optimizer"], float(r["lr"]), r["seed"], r["clip"], r["cautious"])] = r
+        print(f"resuming: {len(args.done)} runs already in {stem}.runs.jsonl")
+    elif os.path.exists(stem + ".runs.jsonl"):
         os.remove(stem + ".runs.jsonl")
-    with open(stem + ".meta.json", "w") as f:
-        json.dump(dict(start=time.time(), load_start=args.load_start, git_head=args.git_head), f)
+    if not (args.resume and os.path.exists(stem + ".meta.json")):
+        with open(stem + ".meta.json", "w") as f:
+            json.dump(dict(start=time.time(), load_start=args.load_start, git_head=args.git_head), f)
+    with open(stem + ".meta.json") as f:
+        meta = json.load(f)
+    args.load_start, args.git_head = meta["load_start"], meta["git_head"]
+    t_start = time.perf_counter() - (time.time() - meta["start"])  # a resumed run counts from its first start
     if args.jobs == 1:
         _init_worker(args.dataset, args.data_dir, args.threads, args.sweep_val_size)
-    t_start = time.perf_counter()
     runs, best_lr, best_clip = [], {}, None
 
     if args.quick:
@@ -326,7 +347,8 @@ def main(argv=None):
         arms = final_arms(args, best_lr, best_clip)
     args.sweep_minutes = (time.perf_counter() - t_start) / 60
 
-    jobs = [job(args, "final", arm, dict(cfg, seed=s)) for arm, cfg in arms.items() for s in seeds]
+    # seed by seed, so that a run cut short has the same seeds in every arm
+    jobs = [job(args, "final", arm, dict(cfg, seed=s)) for s in seeds for arm, cfg in arms.items()]
     runs += run_jobs(jobs, args, "final")
     total = time.perf_counter() - t_start
     os.remove(stem + ".meta.json")
