@@ -293,6 +293,41 @@ def test_bench_fixed_lrs_and_arms_skip_the_sweep(tmp_path, no_system_fashion):
     assert (tmp_path / "training_fashion-mnist_t.md").exists()
 
 
+def test_bench_cut_short_then_report_only_and_resume(tmp_path, monkeypatch, no_system_fashion):
+    """A run stopped after 4 final runs: the progress log holds them (seed by seed, so seed 0
+    of 4 arms), --report-only reports them, and --resume runs only the 6 missing ones."""
+    d = write_fashion(str(tmp_path / "d"), n_train=40, n_test=20)
+    bench = load_bench()
+    argv = ["--dataset", "fashion-mnist", "--data-dir", d, "--lrs", "neptune=0.003,adamw=0.003,sgd=0.1",
+            "--seeds", "2", "--epochs", "1", "--width", "2", "--batch-size", "20", "--no-progress",
+            "--out-dir", str(tmp_path / "out")]
+    real, calls = bench._run, []
+
+    def run(job, stop_after=None):
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append((job["arm"], job["cfg"]["seed"]))
+        return real(job)
+
+    monkeypatch.setattr(bench, "_run", lambda job: run(job, stop_after=4))
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    log = tmp_path / "out" / "training_fashion-mnist.runs.jsonl"
+    assert calls == [(arm, 0) for arm in bench.ARMS[:4]] and len(log.read_text().splitlines()) == 4
+
+    bench.main(argv + ["--report-only"])
+    md = (tmp_path / "out" / "training_fashion-mnist.md").read_text()
+    assert "| neptune clip=0 | 0.003 |" in md and "| neptune cautious=False |" not in md  # not run yet
+    assert "1 seeds per arm" in md
+
+    calls.clear()
+    monkeypatch.setattr(bench, "_run", run)
+    runs = bench.main(argv + ["--resume"])
+    assert sorted(calls) == sorted([(bench.ARMS[4], 0)] + [(arm, 1) for arm in bench.ARMS])
+    assert len(runs) == 10 and not log.exists()
+    assert "2 seeds per arm" in (tmp_path / "out" / "training_fashion-mnist.md").read_text()
+
+
 def test_real_fashion_mnist_trains(tmp_path):
     """Smoke test on the real files when installed: one short epoch through the example."""
     if ds.find_fashion_mnist("data") is None:
