@@ -167,7 +167,7 @@ stage pytest-rest 150 "$PY" -m pytest -q -rs tests --ignore=tests/test_neptune_s
 # --- Fashion-MNIST training (bench/bench_training.py --full), on its own time after the budget.
 # lrs: the CPU sweep's choices (bench/results/training_fashion-mnist.md); no sweep here.
 FMNIST_LIMIT_S=${FMNIST_LIMIT_S:-120}
-FMNIST_LRS=${FMNIST_LRS:-neptune=0.003,adamw=0.003,sgd=0.1}
+FMNIST_LRS=${FMNIST_LRS:-neptune=0.01,adamw=0.03,sgd=0.3}
 DEADLINE=$((DEADLINE + FMNIST_LIMIT_S))
 stage fashion-mnist "$FMNIST_LIMIT_S" bash -c '
   '"$PY"' -c "import sys; from neptune_ext.datasets import find_fashion_mnist as f; sys.exit(0 if f(\"data\") else 77)" \
