@@ -333,7 +333,8 @@ def test_real_fashion_mnist_trains(tmp_path):
     if ds.find_fashion_mnist("data") is None:
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     torch.set_num_threads(1)
-    out = train.main(["--dataset", "fashion-mnist", "--epochs", "1", "--train-size", "500", "--batch-size", "100",
-                      "--width", "2", "--out-dir", str(tmp_path), "--no-progress"])
+    out = train.main(["--dataset", "fashion-mnist", "--epochs", "1", "--train-size", "1000", "--batch-size", "25",
+                      "--width", "4", "--out-dir", str(tmp_path), "--no-progress"])
     assert out["dataset"] == "fashion-mnist"
-    assert out["history"][-1]["test_acc"] > 0.3  # 10 classes: well above chance after 500 images
+    # 10 classes: chance is 10%; 40 steps on 1,000 images reach about 57% (seed 0, this setup)
+    assert out["history"][-1]["test_acc"] > 0.4
