@@ -18,7 +18,7 @@ Protocol (full mode):
    Ablations run at Neptune's lr (--ablation-lrs both: also at AdamW's).
    A seed fixes the training subset, the initial weights and the batch order, identical
    across arms: differences between arms are paired per seed.
---lrs neptune=3e-3,adamw=3e-3,sgd=0.1 skips the sweep and uses those lrs; --arms picks arms.
+--lrs neptune=0.01,adamw=0.03,sgd=0.3 skips the sweep and uses those lrs; --arms picks arms.
 Same network, schedule (linear warm-up 20% then linear decay to 0, per step), label
 smoothing 0.2, epochs and batch size for every arm; Neptune uses
 neptune_ext.param_groups (decay split, head not clipped), AdamW and SGD the same decay split.
