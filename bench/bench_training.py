@@ -2,27 +2,35 @@
 plus the ablations Neptune without clipping (clip=0) and without the cautious mask.
 
     python bench/bench_training.py --quick                   # seconds: 1 seed, 3 arms, fixed lrs
-    python bench/bench_training.py                           # digits on CPU, ~10 min on 2 cores
+    python bench/bench_training.py --jobs 2                  # digits on CPU, ~6 min on 2 cores
+    python bench/bench_training.py --dataset fashion-mnist --jobs 2   # CPU, ~40 min on 2 cores
+    python bench/bench_training.py --dataset fashion-mnist --full     # all 60,000 images, on a GPU
     python bench/bench_training.py --dataset cifar10 --data-dir ~/data   # on a GPU
 
 Protocol (full mode):
-1. lr sweep: each optimizer at 4 peak lrs on --sweep-seeds seeds (seeds 1000, 1001, ...);
+1. lr sweep on a validation split: --val-size class-balanced images of the training set
+   are held out (fixed), the sweep trains on the rest and is scored on them, never on the
+   test set. Each optimizer at 4 peak lrs on --sweep-seeds seeds (seeds 1000, 1001, ...);
    a best lr on the grid's edge extends the grid by one lr that way (twice at most).
-   Neptune's clip is swept too, at its best lr. Selection: best mean final test accuracy.
-2. final: every arm on --seeds fresh seeds (0, 1, ...), disjoint from the sweep's, so the
-   selected lr is not scored on the runs that picked it. Ablations run at Neptune's lr.
+   Neptune's clip is swept too, at its best lr. Selection: best mean final validation accuracy.
+2. final: every arm on --seeds fresh seeds (0, 1, ...), disjoint from the sweep's, trained
+   on the whole training set (or its --train-size subset) and scored on the test set.
+   Ablations run at Neptune's lr (--ablation-lrs both: also at AdamW's).
    A seed fixes the training subset, the initial weights and the batch order, identical
    across arms: differences between arms are paired per seed.
+--lrs neptune=0.01,adamw=0.03,sgd=0.3 skips the sweep and uses those lrs; --arms picks arms.
 Same network, schedule (linear warm-up 20% then linear decay to 0, per step), label
 smoothing 0.2, epochs and batch size for every arm; Neptune uses
 neptune_ext.param_groups (decay split, head not clipped), AdamW and SGD the same decay split.
 
-Writes <out-dir>/training_<dataset>.md, .csv (every run) and .png (--quick: *_quick.*).
+Writes <out-dir>/training_<dataset>[_full][_<tag>].md, .csv (every run) and .png
+(--quick: *_quick.*).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import platform
@@ -35,38 +43,55 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
 import torch  # noqa: E402
 
-import cifar_train_lib as lib  # noqa: E402
+import train_lib as lib  # noqa: E402
 
+LR_GRID = {"neptune": [1e-3, 3e-3, 1e-2, 3e-2], "adamw": [1e-3, 3e-3, 1e-2, 3e-2], "sgd": [0.01, 0.03, 0.1, 0.3]}
+# fashion-mnist: 3 lrs around a probe's (3e-3 / 0.1 at batch 128) to fit the CPU budget; the edge rule extends them
+LR_GRID_SMALL = {"neptune": [1e-3, 3e-3, 1e-2], "adamw": [1e-3, 3e-3, 1e-2], "sgd": [0.03, 0.1, 0.3]}
 # Budgets where the methods differ (on full digits every optimizer saturates near 98%).
+# fashion-mnist: chosen by timing probes on the 2-core CPU (see bench/results/training_fashion-mnist.md).
 PRESETS = {
-    "digits": dict(epochs=8, batch_size=32, width=8, train_size=256, target=0.85),
+    "digits": dict(epochs=8, batch_size=32, width=8, train_size=256, target=0.85, val_size=300,
+                   sweep_seeds=5, seeds=20, ablation_lrs="both", best_clip_arm=True, clip_sweep=True),
+    "fashion-mnist": dict(epochs=8, batch_size=128, width=8, train_size=5000, target=0.84, val_size=3000,
+                          sweep_seeds=2, seeds=5, ablation_lrs="neptune", lr_grid=LR_GRID_SMALL, best_clip_arm=False,
+                          clip_sweep=False),
+    "cifar10": dict(epochs=10, batch_size=512, width=32, train_size=None, target=0.90, val_size=5000,
+                    sweep_seeds=3, seeds=5, ablation_lrs="neptune", best_clip_arm=False, clip_sweep=True),
+}
+# --full: every training image, sized for a GPU
+FULL = {
+    "fashion-mnist": dict(epochs=8, batch_size=512, width=16, train_size=None, target=0.90),
     "cifar10": dict(epochs=10, batch_size=512, width=32, train_size=None, target=0.90),
 }
-LR_GRID = {"neptune": [1e-3, 3e-3, 1e-2, 3e-2], "adamw": [1e-3, 3e-3, 1e-2, 3e-2], "sgd": [0.01, 0.03, 0.1, 0.3]}
 CLIP_GRID = [0.03, 0.1, 0.3]  # Neptune's clip, swept at Neptune's best lr (0.1 = the default)
 QUICK_LR = lib.DEFAULT_LR  # the digits sweep's choices
+ARMS = ("neptune", "adamw", "sgd", "neptune clip=0", "neptune cautious=False")
+EVAL_TRAIN_SIZE = 2000  # clean train accuracy (for the gap) after the last epoch, on this many images
 
 # -- workers ----------------------------------------------------------------------------
 
-_DATA = None
+_DATA = {}
 
 
-def _init_worker(dataset, data_dir, threads):
-    global _DATA
+def _init_worker(dataset, data_dir, threads, val_size):
     torch.set_num_threads(threads)
-    _DATA = lib.get_data(dataset, data_dir, log=lambda m: None)
+    data = lib.get_data(dataset, data_dir, log=lambda m: None)
+    _DATA["test"] = data
+    if val_size:  # only the sweep needs it
+        _DATA["validation"] = lib.validation_split(data, val_size)
 
 
 def _run(job: dict) -> dict:
-    cfg = lib.RunConfig(**job["cfg"])
+    cfg = lib.RunConfig(**job["cfg"], eval_train_size=EVAL_TRAIN_SIZE, eval_train_every_epoch=False)
     t0 = time.perf_counter()
-    hist = lib.train(cfg, _DATA, job["device"], log=lambda m: None)
+    hist = lib.train(cfg, _DATA[job["split"]], job["device"], log=lambda m: None)
     wall = time.perf_counter() - t0
     target = job["target"]
     hit = next((r for r in hist if r["test_acc"] >= target), None)
     last = hist[-1]
     return dict(
-        phase=job["phase"], arm=job["arm"], optimizer=cfg.optimizer, lr=cfg.lr,
+        phase=job["phase"], scored_on=job["split"], arm=job["arm"], optimizer=cfg.optimizer, lr=cfg.lr,
         clip="" if cfg.optimizer != "neptune" else (0.1 if cfg.clip is None else cfg.clip),
         cautious="" if cfg.optimizer != "neptune" else cfg.cautious, seed=cfg.seed,
         final_test_acc=last["test_acc"], best_test_acc=max(r["test_acc"] for r in hist),
@@ -78,22 +103,37 @@ def _run(job: dict) -> dict:
     )
 
 
+def run_key(phase, arm, cfg: dict) -> tuple:
+    """What identifies a run in the progress log (--resume skips the jobs already there)."""
+    nep = cfg["optimizer"] == "neptune"
+    return (phase, arm, cfg["optimizer"], float(cfg["lr"]), cfg["seed"],
+            (0.1 if cfg.get("clip") is None else float(cfg["clip"])) if nep else "",
+            cfg.get("cautious", True) if nep else "")
+
+
 def run_jobs(jobs, args, desc):
+    out = [args.done[k] for k in (run_key(j["phase"], j["arm"], j["cfg"]) for j in jobs) if k in args.done]
+    jobs = [j for j in jobs if run_key(j["phase"], j["arm"], j["cfg"]) not in args.done]
     if not jobs:
-        return []
+        return out
     from tqdm import tqdm
 
-    out = []
+
+    def keep(r):  # every finished run also goes to the progress log, so a cut-short run can be reported
+        out.append(r)
+        with open(args.stem + ".runs.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+
     if args.jobs > 1:
         import multiprocessing as mp
 
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") and args.device == "cpu" else "spawn")
-        with ctx.Pool(args.jobs, _init_worker, (args.dataset, args.data_dir, args.threads)) as pool:
+        with ctx.Pool(args.jobs, _init_worker, (args.dataset, args.data_dir, args.threads, args.sweep_val_size)) as pool:
             for r in tqdm(pool.imap_unordered(_run, jobs), total=len(jobs), desc=desc, disable=args.no_progress):
-                out.append(r)
+                keep(r)
     else:
         for j in tqdm(jobs, desc=desc, disable=args.no_progress):
-            out.append(_run(j))
+            keep(_run(j))
     return out
 
 
@@ -122,32 +162,59 @@ def pct(m, s=None, se=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
+    p.add_argument("--dataset", choices=lib.DATASETS, default="digits")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--quick", action="store_true", help="1 seed, 3 arms, fixed lrs, 3 epochs (a demo, not a result)")
-    p.add_argument("--seeds", type=int, default=20, help="seeds per arm in the final comparison")
-    p.add_argument("--sweep-seeds", type=int, default=5)
+    p.add_argument("--full", action="store_true", help="train on the whole training set with the GPU budget (FULL)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per arm in the final comparison")
+    p.add_argument("--sweep-seeds", type=int, default=None)
+    p.add_argument("--val-size", type=int, default=None, help="training images held out to score the sweep")
     for k in ("epochs", "batch_size", "width", "train_size"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     p.add_argument("--target", type=float, default=None, help="test accuracy for time-to-target")
+    p.add_argument("--lrs", default=None, help="skip the sweep: e.g. neptune=3e-3,adamw=3e-3,sgd=0.1")
+    p.add_argument("--arms", default=None, help=f"comma-separated subset of {', '.join(ARMS)}")
+    p.add_argument("--ablation-lrs", choices=("neptune", "both"), default=None,
+                   help="run the clip/mask ablations at Neptune's lr, or at AdamW's too")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--tag", default="", help="suffix of the output names")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in <stem>.runs.jsonl (same arguments) and run only the missing ones")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the .md/.png from the runs already in <stem>.runs.jsonl (a cut-short run, or a report change)")
     args = p.parse_args(argv)
-    if args.dataset == "cifar10":
-        # resolve the fallback once, here, so the results are named after what really ran
-        try:
-            lib.load_cifar10(args.data_dir)
-        except (RuntimeError, OSError):
-            lib.get_data("cifar10", args.data_dir)  # prints the one-line reason
-            args.dataset = "digits"
-    for k, v in PRESETS[args.dataset].items():
-        if getattr(args, k) is None:
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    # resolve the fallback once, here (it prints the one-line reason), so the results are named after what ran
+    data = lib.get_data(args.dataset, args.data_dir)
+    args.dataset, args.flip = data.name, data.flip
+    preset = dict(PRESETS[args.dataset])
+    if args.full:
+        if args.dataset not in FULL:
+            p.error(f"--full: no full budget for {args.dataset}")
+        preset.update(FULL[args.dataset])
+    args.lr_grid = preset.pop("lr_grid", LR_GRID)
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.quick:
         args.epochs = min(args.epochs, 3)
+    args.lr_fixed = {}
+    if args.lrs:
+        for item in args.lrs.split(","):
+            opt, _, lr = item.partition("=")
+            if opt not in lib.OPTIMIZERS or not lr:
+                p.error(f"--lrs: expected OPT=LR with OPT in {lib.OPTIMIZERS}, got {item!r}")
+            args.lr_fixed[opt] = float(lr)
+        if set(args.lr_fixed) != set(lib.OPTIMIZERS):
+            p.error(f"--lrs: give an lr for each of {lib.OPTIMIZERS}")
+    args.arm_list = list(ARMS) if args.arms is None else [a.strip() for a in args.arms.split(",")]
+    bad = [a for a in args.arm_list if a not in ARMS]
+    if bad:
+        p.error(f"--arms: unknown {bad}; valid: {', '.join(ARMS)}")
     return args
 
 
@@ -160,89 +227,174 @@ def git_head() -> str:
         return ""
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def base_cfg(args, optimizer, lr, seed, **kw):
     return dict(optimizer=optimizer, lr=lr, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
                 width=args.width, train_size=args.train_size, **kw)
 
 
 def job(args, phase, arm, cfg):
-    return dict(phase=phase, arm=arm, cfg=cfg, device=args.device, target=args.target)
+    return dict(phase=phase, arm=arm, cfg=cfg, device=args.device, target=args.target,
+                split="validation" if phase == "sweep" else "test")
+
+
+def sweep(args, runs):
+    """The lr sweep (and Neptune's clip sweep) on the validation split; returns (best_lr, best_clip)."""
+    def mean_acc(opt, lr, clip=0.1):
+        return mstd([r["final_test_acc"] for r in runs if r["optimizer"] == opt and r["lr"] == lr
+                     and (opt != "neptune" or (r["clip"] == clip and r["cautious"] is True))])[0]
+
+    sweep_seeds = [1000 + i for i in range(args.sweep_seeds)]
+    jobs = [job(args, "sweep", f"{opt}", base_cfg(args, opt, lr, s))
+            for opt, lrs in args.lr_grid.items() for lr in lrs for s in sweep_seeds]
+    runs += run_jobs(jobs, args, "lr sweep")
+    grid = {opt: list(lrs) for opt, lrs in args.lr_grid.items()}
+    best_lr = {}
+    for _ in range(2):  # a best lr on the edge of the grid: extend the grid by one lr (x3) that way, twice at most
+        best_lr = {opt: max(lrs, key=lambda lr: mean_acc(opt, lr)) for opt, lrs in grid.items()}
+        extra = {}
+        for opt, lrs in grid.items():
+            if best_lr[opt] == max(lrs):
+                extra[opt] = float(f"{max(lrs) * 3:.3g}")
+            elif best_lr[opt] == min(lrs):
+                extra[opt] = float(f"{min(lrs) / 3:.3g}")
+        if not extra:
+            break
+        for opt, lr in extra.items():
+            grid[opt] = sorted(grid[opt] + [lr])
+        runs += run_jobs([job(args, "sweep", opt, base_cfg(args, opt, lr, s)) for opt, lr in extra.items()
+                          for s in sweep_seeds], args, "lr sweep (grid edge)")
+    best_lr = {opt: max(lrs, key=lambda lr: mean_acc(opt, lr)) for opt, lrs in grid.items()}
+    if not args.clip_sweep:  # the final arm "neptune clip=0" still measures clipping, paired
+        return best_lr, None
+    jobs = [job(args, "sweep", "neptune", base_cfg(args, "neptune", best_lr["neptune"], s, clip=c))
+            for c in CLIP_GRID + [0.0] if c != 0.1 for s in sweep_seeds]
+    runs += run_jobs(jobs, args, "clip sweep")
+    best_clip = max(CLIP_GRID + [0.0], key=lambda c: mean_acc("neptune", best_lr["neptune"], c))
+    return best_lr, best_clip
+
+
+def final_arms(args, best_lr, best_clip=None):
+    """name -> config (seed 0) of every arm of the final comparison."""
+    lr_n, lr_a = best_lr["neptune"], best_lr["adamw"]
+    cfgs = {
+        "neptune": base_cfg(args, "neptune", lr_n, 0),
+        "adamw": base_cfg(args, "adamw", lr_a, 0),
+        "sgd": base_cfg(args, "sgd", best_lr["sgd"], 0),
+        "neptune clip=0": base_cfg(args, "neptune", lr_n, 0, clip=0.0),
+        "neptune cautious=False": base_cfg(args, "neptune", lr_n, 0, cautious=False),
+    }
+    arms = {a: cfgs[a] for a in args.arm_list}
+    # Neptune with clip=0 and cautious=False *is* AdamW, so {AdamW, clip only, mask only, Neptune}
+    # is a 2x2 design at one lr; --ablation-lrs both runs it at AdamW's lr too when the lrs differ.
+    if args.ablation_lrs == "both" and lr_a != lr_n and set(ARMS) <= set(arms):
+        sfx = f" lr={lr_a:g}"
+        arms["neptune" + sfx] = base_cfg(args, "neptune", lr_a, 0)
+        arms["adamw lr=" + f"{lr_n:g}"] = base_cfg(args, "adamw", lr_n, 0)
+        arms["neptune clip=0" + sfx] = base_cfg(args, "neptune", lr_a, 0, clip=0.0)
+        arms["neptune cautious=False" + sfx] = base_cfg(args, "neptune", lr_a, 0, cautious=False)
+    if args.best_clip_arm and best_clip not in (None, 0.1, 0.0) and "neptune" in arms:
+        arms[f"neptune clip={best_clip:g}"] = base_cfg(args, "neptune", lr_n, 0, clip=best_clip)
+    return arms
 
 
 def main(argv=None):
     args = parse_args(argv)
     args.load_start = os.getloadavg()[0]
     args.git_head = git_head()
+    args.sweep_val_size = None if (args.quick or args.lr_fixed) else args.val_size
+    os.makedirs(args.out_dir, exist_ok=True)
+    name = f"training_{args.dataset}" + ("_full" if args.full else "") + (f"_{args.tag}" if args.tag else "")
+    args.stem = stem = os.path.join(args.out_dir, name + ("_quick" if args.quick else ""))
+    if args.report_only:
+        return write_outputs(args, *replay(args))
+    args.done = {}
+    if args.resume and os.path.exists(stem + ".runs.jsonl"):
+        with open(stem + ".runs.jsonl") as f:
+            for r in (json.loads(line) for line in f if line.strip()):
+                args.done[(r["phase"], r["arm"], r["optimizer"], float(r["lr"]), r["seed"], r["clip"], r["cautious"])] = r
+        print(f"resuming: {len(args.done)} runs already in {stem}.runs.jsonl")
+    elif os.path.exists(stem + ".runs.jsonl"):
+        os.remove(stem + ".runs.jsonl")
+    if not (args.resume and os.path.exists(stem + ".meta.json")):
+        with open(stem + ".meta.json", "w") as f:
+            json.dump(dict(start=time.time(), load_start=args.load_start, git_head=args.git_head), f)
+    with open(stem + ".meta.json") as f:
+        meta = json.load(f)
+    args.load_start, args.git_head = meta["load_start"], meta["git_head"]
+    t_start = time.perf_counter() - (time.time() - meta["start"])  # a resumed run counts from its first start
     if args.jobs == 1:
-        _init_worker(args.dataset, args.data_dir, args.threads)
-    t_start = time.perf_counter()
+        _init_worker(args.dataset, args.data_dir, args.threads, args.sweep_val_size)
     runs, best_lr, best_clip = [], {}, None
 
     if args.quick:
         seeds = [0]
-        for opt in ("neptune", "adamw", "sgd"):
-            best_lr[opt] = QUICK_LR[opt]
+        best_lr = dict(QUICK_LR)
         arms = {opt: base_cfg(args, opt, QUICK_LR[opt], 0) for opt in ("neptune", "adamw", "sgd")}
     else:
-        sweep_seeds = [1000 + i for i in range(args.sweep_seeds)]
-        jobs = [job(args, "sweep", f"{opt}", base_cfg(args, opt, lr, s))
-                for opt, lrs in LR_GRID.items() for lr in lrs for s in sweep_seeds]
-        runs += run_jobs(jobs, args, "lr sweep")
-        grid = {opt: list(lrs) for opt, lrs in LR_GRID.items()}
-        for _ in range(2):  # a best lr on the edge of the grid: extend the grid by one lr (x3) that way, twice at most
-            for opt in grid:
-                by_lr = {lr: mstd([r["final_test_acc"] for r in runs if r["optimizer"] == opt and r["lr"] == lr])[0]
-                         for lr in grid[opt]}
-                best_lr[opt] = max(by_lr, key=by_lr.get)
-            extra = {}
-            for opt, lrs in grid.items():
-                if best_lr[opt] == max(lrs):
-                    extra[opt] = float(f"{max(lrs) * 3:.3g}")
-                elif best_lr[opt] == min(lrs):
-                    extra[opt] = float(f"{min(lrs) / 3:.3g}")
-            if not extra:
-                break
-            for opt, lr in extra.items():
-                grid[opt] = sorted(grid[opt] + [lr])
-            runs += run_jobs([job(args, "sweep", opt, base_cfg(args, opt, lr, s)) for opt, lr in extra.items()
-                              for s in sweep_seeds], args, "lr sweep (grid edge)")
-        for opt in grid:
-            by_lr = {lr: mstd([r["final_test_acc"] for r in runs if r["optimizer"] == opt and r["lr"] == lr])[0]
-                     for lr in grid[opt]}
-            best_lr[opt] = max(by_lr, key=by_lr.get)
-        jobs = [job(args, "sweep", "neptune", base_cfg(args, "neptune", best_lr["neptune"], s, clip=c))
-                for c in CLIP_GRID + [0.0] if c != 0.1 for s in sweep_seeds]
-        runs += run_jobs(jobs, args, "clip sweep")
-        nep = [r for r in runs if r["optimizer"] == "neptune" and r["lr"] == best_lr["neptune"] and r["cautious"] is True]
-        by_clip = {c: mstd([r["final_test_acc"] for r in nep if r["clip"] == c])[0] for c in CLIP_GRID + [0.0]}
-        best_clip = max(by_clip, key=by_clip.get)
-
+        if args.lr_fixed:
+            best_lr = dict(args.lr_fixed)
+        else:
+            best_lr, best_clip = sweep(args, runs)
         seeds = list(range(args.seeds))
-        lr_n, lr_a = best_lr["neptune"], best_lr["adamw"]
-        arms = {
-            "neptune": base_cfg(args, "neptune", lr_n, 0),
-            "adamw": base_cfg(args, "adamw", lr_a, 0),
-            "sgd": base_cfg(args, "sgd", best_lr["sgd"], 0),
-        }
-        # Ablations: Neptune with clip=0 and cautious=False *is* AdamW, so {AdamW, clip only, mask only,
-        # Neptune} is a 2x2 design at one lr. Run it at Neptune's lr and at AdamW's when they differ.
-        for lr in sorted({lr_n, lr_a}):
-            sfx = "" if lr == lr_n else f" lr={lr:g}"
-            if lr != lr_n:
-                arms[f"neptune lr={lr:g}"] = base_cfg(args, "neptune", lr, 0)
-            if lr != lr_a:
-                arms[f"adamw lr={lr:g}"] = base_cfg(args, "adamw", lr, 0)
-            arms["neptune clip=0" + sfx] = base_cfg(args, "neptune", lr, 0, clip=0.0)
-            arms["neptune cautious=False" + sfx] = base_cfg(args, "neptune", lr, 0, cautious=False)
-        if best_clip not in (0.1, 0.0):
-            arms[f"neptune clip={best_clip:g}"] = base_cfg(args, "neptune", lr_n, 0, clip=best_clip)
+        arms = final_arms(args, best_lr, best_clip)
+    args.sweep_minutes = (time.perf_counter() - t_start) / 60
 
-    jobs = [job(args, "final", arm, dict(cfg, seed=s)) for arm, cfg in arms.items() for s in seeds]
+    # seed by seed, so that a run cut short has the same seeds in every arm
+    jobs = [job(args, "final", arm, dict(cfg, seed=s)) for s in seeds for arm, cfg in arms.items()]
     runs += run_jobs(jobs, args, "final")
     total = time.perf_counter() - t_start
+    os.remove(stem + ".meta.json")
+    runs = write_outputs(args, runs, arms, best_lr, best_clip, total)
+    os.remove(stem + ".runs.jsonl")
+    return runs
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"training_{args.dataset}" + ("_quick" if args.quick else ""))
+
+def replay(args):
+    """(runs, arms, best_lr, best_clip, total) from the progress log of a run with these arguments."""
+    with open(args.stem + ".runs.jsonl") as f:
+        runs = [json.loads(line) for line in f if line.strip()]
+    meta = {}
+    if os.path.exists(args.stem + ".meta.json"):
+        with open(args.stem + ".meta.json") as f:
+            meta = json.load(f)
+        args.load_start, args.git_head = meta["load_start"], meta["git_head"]
+    sweep_runs = [r for r in runs if r["phase"] == "sweep"]
+    final = [r for r in runs if r["phase"] == "final"]
+    best_lr = {}
+    for o in lib.OPTIMIZERS:  # the final arm's lr, else (cut short before it) the sweep's best
+        mine = [r for r in sweep_runs if r["optimizer"] == o and (o != "neptune" or (r["clip"] == 0.1 and r["cautious"] is True))]
+        lrs = {r["lr"] for r in mine}
+        best = max(lrs, key=lambda lr: mstd([r["final_test_acc"] for r in mine if r["lr"] == lr])[0], default=None)
+        best_lr[o] = next((r["lr"] for r in final if r["arm"] == o), best)
+    clips = {r["clip"] for r in sweep_runs if r["optimizer"] == "neptune" and r["lr"] == best_lr.get("neptune")}
+    best_clip = None
+    if len(clips) > 1:
+        best_clip = max(clips, key=lambda c: mstd([r["final_test_acc"] for r in sweep_runs if r["optimizer"] == "neptune"
+                                                  and r["lr"] == best_lr["neptune"] and r["clip"] == c
+                                                  and r["cautious"] is True])[0])
+    arms = {}
+    for r in final:  # in the order the runs finished; a cut-short arm is reported with its seeds so far
+        arms.setdefault(r["arm"], dict(optimizer=r["optimizer"], lr=r["lr"],
+                                       **({"cautious": r["cautious"]} if r["optimizer"] == "neptune" else {}),
+                                       **({"clip": r["clip"]} if "clip=" in r["arm"] else {})))
+    args.sweep_minutes = float("nan")
+    total = time.time() - meta.get("start", time.time())
+    return runs, arms, best_lr, best_clip, total
+
+
+def write_outputs(args, runs, arms, best_lr, best_clip, total):
+    stem = args.stem
     write_csv(stem + ".csv", runs)
     plot(stem + ".png", runs, list(arms), args)
     md = report(runs, arms, best_lr, best_clip, args, total, os.path.basename(stem))
@@ -282,8 +434,10 @@ def plot(path, runs, arms, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     final = [r for r in runs if r["phase"] == "final"]
+    if not final:  # a report of a run cut short in its sweep
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for arm in arms:
         st = curves(runs, arm)
         ep = list(range(1, len(st) + 1))
@@ -322,10 +476,11 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
     sweep = [r for r in runs if r["phase"] == "sweep"]
     n_seeds = len({r["seed"] for r in final})
     L = [f"# Training benchmark: {args.dataset}{' (quick demo: 1 seed, fixed lrs, not a result)' if args.quick else ''}", ""]
-    L.append(f"Generated by `python bench/bench_training.py{' --quick' if args.quick else ''}"
-             f"{' --dataset cifar10 --data-dir ...' if args.dataset == 'cifar10' else ''}` in {total / 60:.1f} min "
-             f"on {args.device} ({platform.processor() or platform.machine()}, {args.jobs} worker(s) x {args.threads} thread(s), "
-             f"torch {torch.__version__}).")
+    dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu_name()
+    L.append(f"Generated by `python bench/bench_training.py {' '.join(args.argv)}` in {total / 60:.1f} min "
+             f"(sweep {args.sweep_minutes:.1f} min) on {args.device} ({dev}, {os.cpu_count()} cores, "
+             f"{args.jobs} worker(s) x {args.threads} thread(s), torch {torch.__version__}), "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
     from neptune_ext import build_info
 
     head = args.git_head
@@ -337,20 +492,24 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
     if args.device == "cpu":
         L.append(f"Load average (1 min) at start/end: {args.load_start:.1f} / {os.getloadavg()[0]:.1f} on "
                  f"{os.cpu_count()} cores. The seconds columns are wall time of runs sharing that machine "
-                 f"({args.jobs} parallel worker(s)); read them as rough, and epochs-to-target as the speed measure.")
+                 f"({args.jobs} parallel worker(s), and any other load on it); read them as rough, and "
+                 "epochs-to-target as the speed measure.")
         L.append("")
-    L.append(f"Setup: ResNet-9 style net (examples/cifar_train_lib.py), width {args.width}, {args.epochs} epochs, batch "
+    aug = "random crop of the reflect-padded image" + (" + horizontal flip" if args.flip else "")
+    L.append(f"Setup: ResNet-9 style net (examples/train_lib.py), width {args.width}, {args.epochs} epochs, batch "
              f"{args.batch_size}, training subset {args.train_size or 'all'} images (class-balanced, chosen by the seed), "
-             "flip (CIFAR only) + translate augmentation, label smoothing 0.2, linear warm-up (20% of steps) then linear "
+             f"augmentation: {aug}; label smoothing 0.2, linear warm-up (20% of steps) then linear "
              "decay to 0. Weight decay 1e-2 for Neptune/AdamW, 5e-4 for SGD (Nesterov, momentum 0.9), on ndim>=2 weights "
-             "only; Neptune's head is not clipped (neptune_ext.param_groups). Test accuracy is on the fixed held-out "
-             f"split; 'train' accuracy is clean (no augmentation) on the training subset. Target for time-to-target: "
-             f"{100 * args.target:.0f}% test accuracy.")
+             "only; Neptune's head is not clipped (neptune_ext.param_groups). Final runs: test accuracy on the "
+             f"dataset's test split; 'train' accuracy is clean (no augmentation) on {EVAL_TRAIN_SIZE} images of the "
+             f"training subset after the last epoch. Target for time-to-target: {100 * args.target:.0f}% test accuracy.")
     L.append("")
     if sweep:
-        L += ["## Learning-rate sweep", "",
-              f"Mean final test accuracy (%) over {args.sweep_seeds} sweep seeds (1000+), disjoint from the final seeds.", ""]
-        L.append("| optimizer | lr: mean final test acc (%) | chosen lr |")
+        L += ["## Learning-rate sweep (validation split)", "",
+              f"Mean final validation accuracy (%) over {args.sweep_seeds} sweep seeds (1000+), disjoint from the final "
+              f"seeds. Validation: {args.val_size} class-balanced images held out of the training set (fixed); the "
+              "sweep's training subsets are drawn from the rest. The test set is not used.", ""]
+        L.append("| optimizer | lr: mean final validation acc (%) | chosen lr |")
         L.append("|---|---|---|")
         for opt in LR_GRID:
             cells = []
@@ -358,16 +517,19 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
                 m = mstd([r["final_test_acc"] for r in sweep if r["optimizer"] == opt and r["lr"] == lr and
                           (opt != "neptune" or (r["clip"] == 0.1 and r["cautious"] is True))])[0]
                 cells.append(f"{lr:g}: {100 * m:.2f}")
-            L.append(f"| {opt} | " + ", ".join(cells) + f" | **{best_lr[opt]:g}** |")
-        L += ["", f"Neptune's clip at lr {best_lr['neptune']:g} (same sweep seeds):", ""]
-        L.append("| clip | " + " | ".join(f"{c:g}" for c in [0.0] + CLIP_GRID) + " |")
-        L.append("|---|" + "---|" * (len(CLIP_GRID) + 1))
-        cells = []
-        for c in [0.0] + CLIP_GRID:
-            m = mstd([r["final_test_acc"] for r in sweep if r["optimizer"] == "neptune" and r["lr"] == best_lr["neptune"]
-                      and r["clip"] == c and r["cautious"] is True])[0]
-            cells.append(f"{100 * m:.2f}")
-        L.append("| final test acc (%) | " + " | ".join(cells) + " |")
+            chosen = f"**{best_lr[opt]:g}**" if best_lr.get(opt) is not None else "-"
+            L.append(f"| {opt} | " + ", ".join(cells) + f" | {chosen} |")
+        L.append("")
+        if any(r["optimizer"] == "neptune" and r["clip"] != 0.1 for r in sweep):  # the clip sweep ran
+            L += [f"Neptune's clip at lr {best_lr['neptune']:g} (same sweep seeds):", ""]
+            L.append("| clip | " + " | ".join(f"{c:g}" for c in [0.0] + CLIP_GRID) + " |")
+            L.append("|---|" + "---|" * (len(CLIP_GRID) + 1))
+            cells = []
+            for c in [0.0] + CLIP_GRID:
+                xs = [r["final_test_acc"] for r in sweep if r["optimizer"] == "neptune" and r["lr"] == best_lr["neptune"]
+                      and r["clip"] == c and r["cautious"] is True]
+                cells.append(f"{100 * mstd(xs)[0]:.2f}" if xs else "-")  # "-": not run (a run cut short)
+            L.append("| final validation acc (%) | " + " | ".join(cells) + " |")
         L.append("")
 
     L += ["## Final comparison", "",
@@ -392,19 +554,26 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
                  f"{ett} | {stt} | {sec:.2f} |")
     L.append("")
     if n_seeds > 1:
-        ref = "adamw"
-        L += [f"### Paired differences in final test accuracy (arm minus {ref}, same seeds)", "",
-              "| arm | mean diff (points) | SE | wins/ties/losses | verdict (|mean| > 2 SE) |", "|---|---|---|---|---|"]
-        base = {r["seed"]: r["final_test_acc"] for r in final if r["arm"] == ref}
-        for arm in arms:
-            if arm == ref:
+        for ref in ("adamw", "sgd"):
+            if ref not in arms:
                 continue
-            d = [r["final_test_acc"] - base[r["seed"]] for r in final if r["arm"] == arm]
-            m, s, se, n = mstd(d)
-            w, t, l = sum(x > 1e-9 for x in d), sum(abs(x) <= 1e-9 for x in d), sum(x < -1e-9 for x in d)
-            verdict = "no significant difference" if abs(m) <= 2 * se else ("better" if m > 0 else "worse")
-            L.append(f"| {arm} | {100 * m:+.2f} | {100 * se:.2f} | {w}/{t}/{l} | {verdict} |")
-        L.append("")
+            L += [f"### Paired differences against {ref} (arm minus {ref}, same seeds)", "",
+                  "| arm | final test acc: mean diff (points) | SE | wins/ties/losses | verdict (|mean| > 2 SE) "
+                  "| best-epoch test acc: mean diff | SE | wins/ties/losses |", "|---|---|---|---|---|---|---|---|"]
+            for arm in arms:
+                if arm == ref:
+                    continue
+                cells = []
+                for key in ("final_test_acc", "best_test_acc"):
+                    base = {r["seed"]: r[key] for r in final if r["arm"] == ref}
+                    d = [r[key] - base[r["seed"]] for r in final if r["arm"] == arm]
+                    m, s, se, n = mstd(d)
+                    w, t, l = sum(x > 1e-9 for x in d), sum(abs(x) <= 1e-9 for x in d), sum(x < -1e-9 for x in d)
+                    cells += [f"{100 * m:+.2f}", f"{100 * se:.2f}", f"{w}/{t}/{l}"]
+                    if key == "final_test_acc":
+                        cells.append("no significant difference" if abs(m) <= 2 * se else ("better" if m > 0 else "worse"))
+                L.append(f"| {arm} | " + " | ".join(cells) + " |")
+            L.append("")
         ablation_lrs = sorted({arms[a]["lr"] for a in arms if a.startswith("neptune clip=0")})
         for lr in ablation_lrs:
             full = find_arm(arms, "neptune", lr)

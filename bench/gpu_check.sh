@@ -11,6 +11,16 @@
 # and this run's benchmark files). The device tool returns at most 8 files from $OUT.
 # A failed stage does not stop the later ones; the exit status is non-zero if any failed.
 #
+# Fashion-MNIST stage (last): Neptune, AdamW and SGD, 3 seeds each, on all 60,000 training
+# images (bf16 autocast, channels_last), when the data is there; it adds up to
+# FMNIST_LIMIT_S (default 120) to the budget and is skipped (rc 77) without the data. The
+# GPU machine is offline: place the four files (about 30 MB) in the git-ignored data/
+# folder of the working tree before the call, e.g. from a machine with Debian's
+# `apt-get install dataset-fashion-mnist`:
+#   mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*-ubyte.gz data/fashion-mnist/
+# data/ is git-ignored: a copy of the working tree that leaves out ignored files must be
+# told to take it along. (/usr/share/datasets/fashion-mnist on the GPU machine works too.)
+#
 # usage: bash bench/gpu_check.sh [--dry-run]
 #   --dry-run  print the stages without running them (works without a GPU).
 # On the device tool, name kind nvidia-h100-x1: compute-sanitizer refuses the H200s.
@@ -159,6 +169,17 @@ stage bench 150 "$PY" bench/bench_step.py --device cuda --dtype fp32,bf16 \
 
 stage pytest-rest 150 "$PY" -m pytest -q -rs tests --ignore=tests/test_neptune_step_cuda.py \
   --ignore=tests/test_cuda_plan.py --junitxml="$LOGDIR/pytest-rest.xml"
+
+# --- Fashion-MNIST training (bench/bench_training.py --full), on its own time after the budget.
+# lrs: the CPU sweep's choices (bench/results/training_fashion-mnist.md); no sweep here.
+FMNIST_LIMIT_S=${FMNIST_LIMIT_S:-120}
+FMNIST_LRS=${FMNIST_LRS:-neptune=0.01,adamw=0.03,sgd=0.3}
+DEADLINE=$((DEADLINE + FMNIST_LIMIT_S))
+stage fashion-mnist "$FMNIST_LIMIT_S" bash -c '
+  '"$PY"' -c "import sys; from neptune_ext.datasets import find_fashion_mnist as f; sys.exit(0 if f(\"data\") else 77)" \
+    || { echo "Fashion-MNIST not in data/ or /usr/share/datasets/fashion-mnist: skipped (see the header)"; exit 77; }
+  '"$PY"' bench/bench_training.py --dataset fashion-mnist --full --data-dir data --device cuda \
+    --lrs '"$FMNIST_LRS"' --arms neptune,adamw,sgd --seeds 3 --no-progress --out-dir bench/results --tag '"$CARD"
 
 echo "=== gpu_check on $CARD (arch $ARCH): $(($(date +%s) - START))s; logs in $LOGDIR"
 pack

@@ -1,13 +1,20 @@
-"""Train a ResNet-9 style CIFAR-10 classifier with Neptune, AdamW or SGD.
+"""Train a ResNet-9 style image classifier (CIFAR-10, Fashion-MNIST or scikit-learn's
+digits) with Neptune, AdamW or SGD.
 
-    python examples/train_cifar10.py --data-dir ~/data --optimizer neptune --epochs 10
-    python examples/train_cifar10.py --dataset digits --epochs 5          # no download needed
+    python examples/train.py --dataset fashion-mnist --optimizer neptune --epochs 10
+    python examples/train.py --dataset cifar10 --data-dir ~/data --download
+    python examples/train.py --dataset digits --epochs 5          # nothing to install
 
+Fashion-MNIST (the default) is read from the four IDX files, gzipped or not, in --data-dir
+(or its fashion-mnist/ or torchvision's FashionMNIST/raw/ folder) or where Debian's
+`apt-get install dataset-fashion-mnist` puts them (/usr/share/datasets/fashion-mnist).
 CIFAR-10 is read with torchvision from --data-dir (downloaded there only with --download).
-When it cannot be had, one line says so and the run uses scikit-learn's embedded digits
-dataset (8x8 grayscale, upsampled to 16x16) instead. On a GPU: bf16 autocast and
-channels_last. Writes <out-dir>/<run>.csv (per epoch: train loss, train accuracy, test
-accuracy, seconds) and <run>.png, and ends with a one-line summary.
+When the dataset cannot be found, one line says how to get it and the run uses the
+embedded digits dataset (8x8 grayscale, upsampled to 16x16) instead. Augmentation: random
+crop from a reflect-padded image (pad = side/8) and, except on digits, horizontal flips.
+On a GPU: bf16 autocast and channels_last. Writes <out-dir>/<run>.csv (per epoch: train
+loss, train accuracy, test accuracy, seconds) and <run>.png, and ends with a one-line
+summary.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from cifar_train_lib import DEFAULT_LR, OPTIMIZERS, RunConfig, get_data, train  # noqa: E402
+from train_lib import DATASETS, DEFAULT_LR, OPTIMIZERS, RunConfig, get_data, train  # noqa: E402
 
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "train_eval_acc", "test_acc", "seconds"]
 
@@ -40,8 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.2)
     p.add_argument("--warmup", type=float, default=0.2, help="fraction of steps for linear warm-up")
     p.add_argument("--schedule", choices=("linear", "cosine"), default="linear", help="decay after warm-up")
-    p.add_argument("--dataset", choices=("cifar10", "digits"), default="cifar10")
-    p.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-py/")
+    p.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
+    p.add_argument("--data-dir", default="data",
+                   help="directory holding cifar-10-batches-py/ or the Fashion-MNIST IDX files")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-dir if missing")
     p.add_argument("--train-size", type=int, default=None, help="subsample this many training images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
