@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check of the CUDA operator on a lent GPU machine (no network), in < 8 minutes:
-#   info -> build in place for this GPU's arch -> CUDA tests (then the same tests on the
-#   SIMT-emulated backend, for comparison) -> compute-sanitizer
+#   info -> build in place for this GPU's arch -> CUDA tests -> compute-sanitizer
 #   (memcheck, racecheck) on a small step -> step microbenchmark (fp32, bf16) -> the rest
-#   of the test suite.
+#   of the test suite -> the CUDA tests on the SIMT-emulated backend, for comparison.
 # Every stage's output is tee'd to a log under bench/results/gpu_check_<card>/; benchmark
 # results go to bench/results/ (file names carry the card). After every stage, $OUT (when
 # set) gets three files, so that they come back even if the run is cut short: summary.txt,
@@ -131,11 +130,6 @@ print('cuda kernel loaded on', torch.cuda.get_device_name(0))"
 stage pytest-cuda 150 env NEPTUNE_REQUIRE_KERNEL=1 "$PY" -m pytest -q -rs -k "not simt" \
   tests/test_neptune_step_cuda.py tests/test_cuda_plan.py --junitxml="$LOGDIR/pytest-cuda.xml"
 
-# The same tests on the SIMT-emulated backend (the unchanged kernels on the CPU, as every CI
-# run has them): counts and seconds beside the hardware's, for comparison.
-stage pytest-simt 120 "$PY" -m pytest -q -rs -k simt tests/test_neptune_step_cuda.py \
-  --junitxml="$LOGDIR/pytest-simt.xml" --durations=5
-
 # sanitize TOOL: compute-sanitizer on bench/sanitizer_step.py, instrumenting only our
 # kernels (torch's own would take most of the time), retried unfiltered if this version
 # lacks --kernel-name. Exit 77 (reported "skipped") where the sanitizer refuses the device:
@@ -169,6 +163,11 @@ stage bench 150 "$PY" bench/bench_step.py --device cuda --dtype fp32,bf16 \
 
 stage pytest-rest 150 "$PY" -m pytest -q -rs tests --ignore=tests/test_neptune_step_cuda.py \
   --ignore=tests/test_cuda_plan.py --junitxml="$LOGDIR/pytest-rest.xml"
+
+# The CUDA tests again on the SIMT-emulated backend (the unchanged kernels on the CPU, as
+# every CI run has them): counts and seconds beside the hardware's, for comparison.
+stage pytest-simt 90 "$PY" -m pytest -q -rs -k simt tests/test_neptune_step_cuda.py \
+  --junitxml="$LOGDIR/pytest-simt.xml" --durations=5
 
 # --- Fashion-MNIST training (bench/bench_training.py --full), on its own time after the budget.
 # lrs: the CPU sweep's choices (bench/results/training_fashion-mnist.md); no sweep here.
