@@ -16,6 +16,21 @@
 #include "neptune_checks.h"
 #include "neptune_cuda_launch.h"
 
+// Who reports an error: the real CUDA backend, or its SIMT-emulated twin.
+#if defined(NEPTUNE_SIMT)
+#define NEPTUNE_CUDA_WHO "neptune_step_ (CUDA, emulated)"
+#else
+#define NEPTUNE_CUDA_WHO "neptune_step_ (CUDA)"
+#endif
+
+// A CUDA runtime call or launch that must succeed; `what` names it in the error.
+#define NEPTUNE_CUDA_CHECK(expr, what)                                                                \
+  do {                                                                                                \
+    const cudaError_t err_ = (expr);                                                                  \
+    TORCH_CHECK(err_ == cudaSuccess, NEPTUNE_CUDA_WHO ": ", what, " failed: ", cudaGetErrorName(err_), \
+                ": ", cudaGetErrorString(err_));                                                      \
+  } while (0)
+
 namespace neptune {
 
 struct LrArg {
@@ -64,7 +79,7 @@ inline void check_same_device(const std::optional<at::Tensor>& t, const char* na
 // first launch check and be reported as ours: report it as what it is, before anything runs.
 inline void check_no_pending_cuda_error() {
   const cudaError_t prior = cudaGetLastError();  // and clear it: it is reported here
-  TORCH_CHECK(prior == cudaSuccess, "neptune_step_ (CUDA): an earlier CUDA call left an error pending: ",
+  TORCH_CHECK(prior == cudaSuccess, NEPTUNE_CUDA_WHO ": an earlier CUDA call left an error pending: ",
               cudaGetErrorName(prior), ": ", cudaGetErrorString(prior),
               " (raised here before this step launched anything; the step was not taken)");
 }

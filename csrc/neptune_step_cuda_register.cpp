@@ -31,13 +31,6 @@ PyObject* PyInit__C_cuda(void) {
 namespace neptune {
 namespace {
 
-#define NEPTUNE_CUDA_CHECK(expr, what)                                                              \
-  do {                                                                                              \
-    const cudaError_t err_ = (expr);                                                                \
-    TORCH_CHECK(err_ == cudaSuccess, "neptune_step_ (CUDA): ", what, " failed: ", cudaGetErrorName(err_), \
-                ": ", cudaGetErrorString(err_));                                                    \
-  } while (0)
-
 // Leaked on purpose: the entries hold CUDA tensors, which a static destructor would free at
 // process exit, after the CUDA runtime (and maybe the caching allocator) has shut down.
 TableCache& g_tables = *new TableCache(32);

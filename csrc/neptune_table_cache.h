@@ -29,9 +29,10 @@ class TableCache {
   at::Tensor get(const std::vector<unsigned char>& host, int64_t device, const void* stream, bool capturing,
                  const std::function<at::Tensor()>& upload) {
     if (capturing) {
+      at::Tensor table = upload();
       std::lock_guard<std::mutex> lock(mu_);
       ++uploads_;
-      return upload();
+      return table;
     }
     {
       std::lock_guard<std::mutex> lock(mu_);

@@ -87,6 +87,13 @@ def describe_build() -> str:
     return "; ".join(parts)
 
 
+def call_step_op(op, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float | Tensor, **kwargs) -> None:
+    """Calls the overload of a neptune_step_-shaped operator that fits `lr`: .tensor_lr
+    for a tensor, the default one for a float."""
+    overload = op.tensor_lr if isinstance(lr, Tensor) else op.default
+    overload(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, **kwargs)
+
+
 def neptune_step_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -106,10 +113,8 @@ def neptune_step_(
     found_inf: Tensor | None = None,
 ) -> None:
     """One Neptune step on lists of tensors, in place (params, exp_avgs, exp_avg_sqs, steps)."""
-    op = torch.ops.neptune_ext.neptune_step_
-    overload = op.tensor_lr if isinstance(lr, Tensor) else op.default
-    overload(
-        params, grads, exp_avgs, exp_avg_sqs, steps,
+    call_step_op(
+        torch.ops.neptune_ext.neptune_step_, params, grads, exp_avgs, exp_avg_sqs, steps,
         lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, clip=clip,
         cautious=cautious, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
     )
@@ -143,10 +148,8 @@ def neptune_step_simt_(
     detects (a shuffle or barrier that not every thread reaches, a misaligned vector
     access) raise RuntimeError naming the file and line. Slow: for tests, not training.
     """
-    op = torch.ops.neptune_ext._neptune_step_simt_
-    overload = op.tensor_lr if isinstance(lr, Tensor) else op.default
-    overload(
-        params, grads, exp_avgs, exp_avg_sqs, steps,
+    call_step_op(
+        torch.ops.neptune_ext._neptune_step_simt_, params, grads, exp_avgs, exp_avg_sqs, steps,
         lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, clip=clip,
         cautious=cautious, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, schedule=schedule,
     )

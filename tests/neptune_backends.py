@@ -41,9 +41,8 @@ class Backend:
         if self.op_name is not None:
             op = getattr(torch.ops.neptune_ext, self.op_name)
 
-            def step(params, grads, exp_avgs, exp_avg_sqs, steps, **kw):
-                overload = op.tensor_lr if isinstance(kw["lr"], torch.Tensor) else op.default
-                overload(params, grads, exp_avgs, exp_avg_sqs, steps, **kw)
+            def step(*lists, **kw):
+                neptune_ops.call_step_op(op, *lists, **kw)
 
             monkeypatch.setattr(neptune_ops, "neptune_step_", step)
 

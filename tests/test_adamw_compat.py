@@ -26,6 +26,14 @@ def _grads(params, seed):
         p.grad = (torch.randn(p.shape, generator=gen) * 0.1).to(p.dtype)
 
 
+def _step_side_by_side(pairs, n_steps):
+    """Steps each (params, optimizer) pair n_steps times on the same gradients."""
+    for k in range(n_steps):
+        for params, opt in pairs:
+            _grads(params, k)
+            opt.step()
+
+
 # -- foreach / fused / capturable / differentiable -----------------------------------------
 
 
@@ -38,11 +46,7 @@ def _grads(params, seed):
 def test_adamw_keywords_are_accepted_and_change_nothing(kwargs):
     ref, ours = _params(), _params()
     o_ref, o = Neptune(ref, lr=1e-2), Neptune(ours, lr=1e-2, **kwargs)
-    for k in range(3):
-        _grads(ref, k)
-        _grads(ours, k)
-        o_ref.step()
-        o.step()
+    _step_side_by_side([(ref, o_ref), (ours, o)], 3)
     for a, b in zip(ref, ours):
         assert torch.equal(a, b)
     group = o.state_dict()["param_groups"][0]
@@ -102,11 +106,7 @@ def test_float64_matches_adamw_in_float64():
     ours, theirs = _params(torch.float64), _params(torch.float64)
     opt = Neptune(ours, lr=3e-3, weight_decay=0.05, clip=0.0, cautious=False)
     ref = torch.optim.AdamW(theirs, lr=3e-3, weight_decay=0.05)
-    for k in range(5):
-        _grads(ours, k)
-        _grads(theirs, k)
-        opt.step()
-        ref.step()
+    _step_side_by_side([(ours, opt), (theirs, ref)], 5)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -172,9 +172,7 @@ def _round_trip(sd):
 def test_numeric_step_loads_as_a_float32_tensor(step_value):
     params = _params()
     opt = Neptune(params)
-    for k in range(3):
-        _grads(params, k)
-        opt.step()
+    _step_side_by_side([(params, opt)], 3)
     sd = copy.deepcopy(opt.state_dict())
     for st in sd["state"].values():
         st["step"] = step_value
@@ -200,9 +198,7 @@ def test_state_dtype_of_the_loading_optimizer_wins(saved, loading):
     widens exactly, fp32 -> bf16 rounds to nearest; the group keeps its state_dtype."""
     params = _params()
     opt = Neptune(params, state_dtype=saved)
-    for k in range(3):
-        _grads(params, k)
-        opt.step()
+    _step_side_by_side([(params, opt)], 3)
     twin = [nn.Parameter(p.detach().clone()) for p in params]
     opt2 = Neptune(twin, state_dtype=loading)
     opt2.load_state_dict(_round_trip(opt.state_dict()))

@@ -170,7 +170,7 @@ extern "C" [[noreturn]] void neptune_simt_fiber_main() {
   __builtin_trap();  // a finished fiber is never resumed
 }
 
-void start_fiber(LaunchState& L, Fiber& f) {
+void start_fiber(Fiber& f) {
 #if defined(__x86_64__)
   // Initial frame as neptune_simt_switch leaves it: control words, six registers, then the
   // "return address" neptune_simt_fiber_main at a 16-byte aligned slot (so it starts with
@@ -193,7 +193,6 @@ void start_fiber(LaunchState& L, Fiber& f) {
   f.uc.uc_link = nullptr;
   makecontext(&f.uc, (void (*)())neptune_simt_fiber_main, 0);
 #endif
-  (void)L;
 }
 
 void resume(LaunchState& L, Fiber& f) {
@@ -328,7 +327,7 @@ void run_block(LaunchState& L, int64_t b) {
     Fiber& f = L.fibers[(size_t)t];
     f.tid = uint3{(unsigned)t, 0, 0};
     f.stack = stack_at((size_t)t);
-    start_fiber(L, f);
+    start_fiber(f);
   }
   g_stats.threads += n;
   uint64_t round = 0;

@@ -19,13 +19,6 @@
 namespace neptune {
 namespace {
 
-#define NEPTUNE_SIMT_CHECK(expr, what)                                                            \
-  do {                                                                                            \
-    const cudaError_t err_ = (expr);                                                              \
-    TORCH_CHECK(err_ == cudaSuccess, "neptune_step_ (CUDA, emulated): ", what, " failed: ",      \
-                cudaGetErrorName(err_));                                                          \
-  } while (0)
-
 TableCache& g_simt_tables = *new TableCache(32);  // leaked like the CUDA backend's
 
 void step_simt_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -46,13 +39,13 @@ void step_simt_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     at::Tensor dev = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
     std::memset(dev.data_ptr(), 0xFF, (size_t)bytes);  // the upload kernel must write every byte
     int launches = 0;
-    NEPTUNE_SIMT_CHECK(neptune_cuda_upload(dev.data_ptr(), s.table.data(), bytes, nullptr, &launches),
+    NEPTUNE_CUDA_CHECK(neptune_cuda_upload(dev.data_ptr(), s.table.data(), bytes, nullptr, &launches),
                        "table upload launch");
     return dev;
   });
   bind_table(s, table);
   bind_partials(s, /*poison=*/true);
-  NEPTUNE_SIMT_CHECK(neptune_cuda_step(s.args, s.plan.main_blocks, s.plan.long_blocks, nullptr), "kernel launch");
+  NEPTUNE_CUDA_CHECK(neptune_cuda_step(s.args, s.plan.main_blocks, s.plan.long_blocks, nullptr), "kernel launch");
 }
 
 void step_simt(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
