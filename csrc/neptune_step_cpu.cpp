@@ -220,6 +220,16 @@ void neptune_step_cpu_tensor_lr(at::TensorList params, at::TensorList grads, at:
 
 std::string cpu_isa() { return cpu_kernels().isa; }
 
+// The kernel sets this CPU can run, oldest first: tests and benchmarks ask this instead of
+// guessing from the OS's CPU flags (the same checks as NEPTUNE_CPU_ISA's).
+std::vector<std::string> cpu_kernel_sets() {
+  std::vector<std::string> sets = {cpu_kernels_scalar().isa};
+  if (cpu_has_avx2()) sets.push_back(cpu_kernels_avx2().isa);
+  if (cpu_has_avx512()) sets.push_back(cpu_kernels_avx512().isa);
+  if (cpu_has_avx512bf16()) sets.push_back(cpu_kernels_avx512bf16().isa);
+  return sets;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(neptune_ext, CPU, m) {
@@ -228,6 +238,9 @@ TORCH_LIBRARY_IMPL(neptune_ext, CPU, m) {
 }
 
 // Which CPU kernel set (scalar, avx2, avx512, avx512bf16) a step would run now.
-TORCH_LIBRARY_FRAGMENT(neptune_ext, m) { m.def("cpu_isa() -> str", &cpu_isa); }
+TORCH_LIBRARY_FRAGMENT(neptune_ext, m) {
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_kernel_sets() -> str[]", &cpu_kernel_sets);
+}
 
 }  // namespace neptune
