@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -85,6 +85,25 @@ def describe_build() -> str:
     if "note" in i:
         parts.append(i["note"])
     return "; ".join(parts)
+
+
+class StepLists(NamedTuple):
+    """The operator's five tensor lists, in its argument order; unpacks as its arguments
+    (``neptune_step_(*lists, lr=...)``)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    steps: list[Tensor]
+
+    @classmethod
+    def empty(cls) -> "StepLists":
+        return cls([], [], [], [], [])
+
+    def append(self, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor) -> None:
+        for lst, t in zip(self, (param, grad, exp_avg, exp_avg_sq, step)):
+            lst.append(t)
 
 
 def call_step_op(op, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float | Tensor, **kwargs) -> None:
