@@ -1,17 +1,19 @@
-"""Pure-PyTorch reference of the Neptune rule (shared/NEPTUNE_SPEC.md, spec v1).
+"""Pure-PyTorch reference of the Neptune rule (docs/rule.md).
 
 Written to be read, one parameter at a time: it is the ground truth that the C++ and
 CUDA operators are tested against. Works on any device and dtype: the arithmetic runs
 in ``compute_dtype`` (float32 by default, float64 for tests) and only the final weight
-is rounded back to the parameter's dtype. State is float32, or bfloat16 in the
-memory-lean variant (an extension of the spec: stochastically rounded, see store_state_).
+is rounded back to the parameter's dtype. State is float32, or bfloat16 with the bf16
+state (docs/rule.md, "bf16 state"; its stochastic rounding is in bf16_state.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-# Floors from the spec.
+from .bf16_state import store_state_
+
+# Floors (docs/rule.md, "One step").
 W_NORM_FLOOR = 1e-3
 G_NORM_FLOOR = 1e-6
 RHO_FLOOR = 1e-3
@@ -29,41 +31,6 @@ def bias_corrections(step: Tensor, beta1: float, beta2: float) -> tuple[Tensor, 
     wide = torch.float32 if step.device.type == "mps" else torch.float64
     t = step.to(wide)
     return 1 - beta1**t, 1 - beta2**t
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _sr_bits(index: Tensor, step: int, stream: int) -> Tensor:
-    """neptune_math.h's sr_bits on int64 tensors (uint32 arithmetic, wrapping products): one
-    hash of (index, step); its low 16 bits round exp_avg (stream 0), its high 16 exp_avg_sq."""
-    x = (index & _M32) ^ (((index >> 32) * 0x85EBCA6B) & _M32)
-    x = x ^ ((step * 0x9E3779B9) & _M32)
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    x = x ^ (x >> 16)
-    return (x >> (16 * stream)) & 0xFFFF
-
-
-def store_state_(dst: Tensor, value: Tensor, step: int, stream: int) -> None:
-    """Write float32 `value` into a state tensor: as is for float32; for the memory-lean
-    bfloat16 state, stochastically rounded with the kernels' deterministic random bits
-    (a hash of the element's index within its unit, in memory order, and the step; one
-    16-bit half of it per stream: 0 for exp_avg, 1 for exp_avg_sq)."""
-    if dst.dtype != torch.bfloat16:
-        dst.copy_(value)
-        return
-    unit_len = units_view(dst).shape[1] if dst.numel() else 1
-    # Each element's index in memory order (also for channels_last), within its unit.
-    index = torch.empty_strided(dst.shape, dst.stride(), dtype=torch.int64, device=dst.device)
-    index.as_strided((dst.numel(),), (1,)).copy_(torch.arange(dst.numel(), device=dst.device) % unit_len)
-    bits = value.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & _M32
-    rounded = (bits + (_sr_bits(index, step, stream) & 0xFFFF)) >> 16
-    rounded = torch.where(torch.isnan(value), torch.full_like(rounded, 0x7FC0), rounded)
-    rounded = torch.where(rounded >= 0x8000, rounded - 0x10000, rounded).to(torch.int16)
-    dst.copy_(rounded.view(torch.bfloat16))
 
 
 def neptune_step_reference(
@@ -85,9 +52,10 @@ def neptune_step_reference(
     found_inf: Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """One Neptune step for one parameter, in place on param, exp_avg, exp_avg_sq, step."""
+    """One Neptune step for one parameter, in place on param, exp_avg, exp_avg_sq, step
+    (docs/rule.md, "One step": parts 1 to 4 below)."""
     if found_inf is not None and bool(found_inf.item()):
-        return  # a skipped step changes nothing, `step` included
+        return  # a skipped step changes nothing, `step` included (docs/rule.md, property 6)
     step += 1
     if param.numel() == 0:
         return
@@ -129,9 +97,10 @@ def neptune_step_reference(
     W = W * (1 - lr * weight_decay) - lr * U
 
     param.copy_(W.reshape(param.shape))
-    t = int(step.item()) if exp_avg.dtype == torch.bfloat16 else 0
-    store_state_(exp_avg, M.reshape(exp_avg.shape), t, 0)
-    store_state_(exp_avg_sq, V.reshape(exp_avg_sq.shape), t, 1)
+    # State in its dtype: float32 as is, bf16 state stochastically rounded.
+    unit_len = M.shape[1]
+    store_state_(exp_avg, M.reshape(exp_avg.shape), step, unit_len, stream=0)
+    store_state_(exp_avg_sq, V.reshape(exp_avg_sq.shape), step, unit_len, stream=1)
 
 
 def neptune_step_reference_multi(
