@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import ops
+from . import distributed, ops
+from .bf16_state import STATE_DTYPE_RANGE, STATE_DTYPES, state_dtype_name
+from .ops import StepLists
 from .reference import neptune_step_reference_multi
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the operator's
@@ -64,26 +66,12 @@ def validate_hyperparameters(group: dict) -> None:
                  "torch.no_grad(), so nothing can be differentiated through it, as with "
                  "torch.optim.AdamW(fused=True))")
     sd = group.get("state_dtype", "float32")
-    _check_range("state_dtype", sd, _state_dtype_name(sd, strict=False) in _STATE_DTYPES,
-                 "torch.float32 or torch.bfloat16")
-
-
-_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _state_dtype_name(dtype: Any, strict: bool = True) -> str | None:
-    """'float32' / 'bfloat16' (a string keeps state_dict param groups plain data)."""
-    for name, dt in _STATE_DTYPES.items():
-        if dtype == dt or dtype == name:
-            return name
-    if strict:
-        raise ValueError(f"Neptune: invalid state_dtype={dtype!r}; valid range: torch.float32 or torch.bfloat16")
-    return None
+    _check_range("state_dtype", sd, state_dtype_name(sd, strict=False) is not None, STATE_DTYPE_RANGE)
 
 
 class Neptune(Optimizer):
     """Adam-family optimizer with unit-wise adaptive gradient clipping, a cautious
-    sign-agreement mask and decoupled weight decay (shared/NEPTUNE_SPEC.md).
+    sign-agreement mask and decoupled weight decay (the rule: docs/rule.md).
 
     A drop-in for ``torch.optim.AdamW``: with ``clip=0`` and ``cautious=False`` it is AdamW.
     A unit is one row ``p[i]`` of a parameter with ``ndim >= 2`` (an output channel or
@@ -110,10 +98,10 @@ class Neptune(Optimizer):
             unchanged), decided on the device with no host sync, when any of its
             gradients holds an inf or NaN. Off by default, as in torch's AdamW, where
             non-finite gradients propagate into the params.
-        state_dtype: ``torch.float32`` (the spec) or ``torch.bfloat16``: the memory-lean
-            variant keeps ``exp_avg`` / ``exp_avg_sq`` in bfloat16, halving optimizer
-            memory; the arithmetic stays float32 and the state is stochastically rounded
-            with deterministic random bits (reference, CPU and CUDA operators).
+        state_dtype: ``torch.float32`` or ``torch.bfloat16``: the bf16 state keeps
+            ``exp_avg`` / ``exp_avg_sq`` in bfloat16, halving optimizer memory; the
+            arithmetic stays float32 and the state is stochastically rounded with
+            deterministic random bits, alike on every backend (docs/rule.md, "bf16 state").
         foreach, fused: accepted as ``torch.optim.AdamW`` takes them (None, True or
             False; not both True). In AdamW they choose an implementation with the same
             result; Neptune has one multi-tensor fused step per device, so ``foreach`` and
@@ -134,7 +122,7 @@ class Neptune(Optimizer):
     shards: rows of a weight sharded along dim 0 are whole units, so that is exact with no
     communication; a DTensor whose units are split across ranks (a 1-D param sharded along
     dim 0, or a shard along another dim) is gathered, stepped whole identically on every
-    rank, and its local shard written back.
+    rank, and its local shard written back (neptune_ext/distributed.py).
 
     State per parameter: ``step`` (float32 scalar on the param's device), ``exp_avg`` and
     ``exp_avg_sq`` (float32, or the group's ``state_dtype``, whatever the param dtype;
@@ -167,7 +155,7 @@ class Neptune(Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip,
             cautious=cautious, maximize=maximize, implementation=implementation,
             capturable=capturable, skip_nonfinite=skip_nonfinite,
-            state_dtype=_state_dtype_name(state_dtype), foreach=foreach, fused=fused,
+            state_dtype=state_dtype_name(state_dtype), foreach=foreach, fused=fused,
             differentiable=differentiable,
         )
         validate_hyperparameters(defaults)
@@ -176,7 +164,7 @@ class Neptune(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         validate_hyperparameters({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         if "state_dtype" in param_group:
-            param_group["state_dtype"] = _state_dtype_name(param_group["state_dtype"])
+            param_group["state_dtype"] = state_dtype_name(param_group["state_dtype"])
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict) -> None:
@@ -205,14 +193,15 @@ class Neptune(Optimizer):
         is not traced at every step (hence flat lists only). float64 params go to the
         five x_ lists. A param whose units are not contiguous spans goes to the lists as a
         dense scratch copy, the param and its copy to scratch_params / scratch_copies, for
-        the step to write back.
+        the step to write back. (step() wraps the lists in StepLists.)
         """
         # Per param and step this loop costs about 1 us (10,000 params: 10 ms): cheap checks
         # first. Autograd and the .grad setter already keep grads to the param's dtype,
         # device and shape.
         implementation = group["implementation"]
-        sdt = _STATE_DTYPES[group["state_dtype"]]
-        exact = (x_params, x_grads, x_exp_avgs, x_exp_avg_sqs, x_steps)
+        sdt = STATE_DTYPES[group["state_dtype"]]
+        kernel = StepLists(params, grads, exp_avgs, exp_avg_sqs, steps)
+        exact = StepLists(x_params, x_grads, x_exp_avgs, x_exp_avg_sqs, x_steps)
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -220,7 +209,7 @@ class Neptune(Optimizer):
             if grad.layout is not torch.strided:
                 raise RuntimeError("Neptune does not support sparse gradients (use dense gradients, e.g. sparse=False in nn.Embedding)")
             dtype = p.dtype
-            lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
+            lists = kernel
             if dtype not in SUPPORTED_DTYPES:
                 if dtype.is_complex:
                     raise RuntimeError("Neptune does not support complex parameters (view them as real with torch.view_as_real)")
@@ -238,7 +227,7 @@ class Neptune(Optimizer):
             # stepped through a dense copy (dim 0 outermost, the other dims in the
             # param's memory order: the cheapest copy), their state kept in that layout.
             # The reference (float64) takes any layout.
-            spans = lists is exact or _is_dtensor(p) or _units_are_spans(p)
+            spans = lists is exact or distributed.is_dtensor(p) or _units_are_spans(p)
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = _new_state(p, _state_dtype_of(p, sdt), spans)
@@ -256,18 +245,14 @@ class Neptune(Optimizer):
                     grad = _new_state(p, grad.dtype, False).copy_(grad)
             elif lists is not exact and not _same_layout(grad, p, True):
                 grad = _like_param(p, grad)  # the operator walks all four tensors alike
-            lists[0].append(p_step)
-            lists[1].append(grad)
-            lists[2].append(state["exp_avg"])
-            lists[3].append(state["exp_avg_sq"])
-            lists[4].append(state["step"])
+            lists.append(p_step, grad, state["exp_avg"], state["exp_avg_sq"], state["step"])
         return False
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As Optimizer.load_state_dict, with these conversions:
 
         - ``exp_avg`` / ``exp_avg_sq`` take the group's state dtype as this optimizer was
-          built (float32, or bfloat16 in the memory-lean variant; float64 for float64
+          built (float32, or bfloat16 with the bf16 state; float64 for float64
           params) whatever the checkpoint holds: bfloat16 moments widen exactly to float32,
           float32 ones are rounded to the nearest bfloat16 (torch's default would cast
           them to the param's dtype, rounding fp32 moments of bf16 params to bf16); they
@@ -291,12 +276,12 @@ class Neptune(Optimizer):
         for saved_id, p, group in zip(saved_ids, params, groups):
             if saved_id not in saved:
                 continue
-            spans = _is_dtensor(p) or p.dtype in EXACT_DTYPES or _units_are_spans(p)
+            spans = distributed.is_dtensor(p) or p.dtype in EXACT_DTYPES or _units_are_spans(p)
             for key, value in saved[saved_id].items():
                 if key == "step" and isinstance(value, (Tensor, int, float)):
                     self.state[p][key] = torch.as_tensor(value).to(device=p.device, dtype=torch.float32, copy=True).reshape(())
                 elif key in ("exp_avg", "exp_avg_sq") and isinstance(value, Tensor):
-                    dtype = _state_dtype_of(p, _STATE_DTYPES[group["state_dtype"]])
+                    dtype = _state_dtype_of(p, STATE_DTYPES[group["state_dtype"]])
                     self.state[p][key] = _new_state(p, dtype, spans).copy_(value)
 
     # -- step ----------------------------------------------------------------------------
@@ -337,38 +322,36 @@ class Neptune(Optimizer):
         # Collect (and validate) every group before anything is written.
         steppers = []
         for group in self.param_groups:
-            lists: tuple[list, ...] = ([], [], [], [], [])
-            exact: tuple[list, ...] = ([], [], [], [], [])
+            lists, exact = StepLists.empty(), StepLists.empty()  # operator; float64 (the reference)
             scratch: tuple[list, list] = ([], [])
             self._init_group(group, *lists, *exact, *scratch)
-            if not lists[0] and not exact[0]:
+            if not lists.params and not exact.params:
                 continue
             hyper = dict(
                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                 weight_decay=group["weight_decay"], eps=group["eps"], clip=group["clip"],
                 cautious=group["cautious"], maximize=group["maximize"],
             )
-            local, gathered = _split_dtensors(lists)
-            steppers.append((group, hyper, _buckets_by_device(local), gathered, exact, scratch))
+            local, whole = distributed.split_dtensors(lists)
+            steppers.append((group, hyper, _buckets_by_device(local), whole, exact, scratch))
         # Kernel availability (which may raise) before anything is written.
-        for group, _, buckets, gathered, _, _ in steppers:
+        for group, _, buckets, _, _, _ in steppers:
             for device, _ in buckets:
                 self._use_op(device, group)
-        for group, hyper, buckets, gathered, exact, scratch in steppers:
+        for group, hyper, buckets, whole, exact, scratch in steppers:
             inf = found_inf
             if group["skip_nonfinite"]:
-                grads = [(device, tensors[1]) for device, tensors in buckets]
-                grads += [(item[1].device, [item[1].to_local()]) for item in gathered]
-                grads += [(g.device, [g]) for g in exact[1]]
+                grads = [(device, bucket.grads) for device, bucket in buckets]
+                grads += distributed.local_grads(whole)
+                grads += [(g.device, [g]) for g in exact.grads]
                 inf = _nonfinite_flags(grads, found_inf)
-            for device, tensors in buckets:
-                self._step_tensors(group, device, tensors, hyper, grad_scale, inf)
-            for item in gathered:  # DTensors whose units span ranks: step them whole
-                full = [t.full_tensor() for t in item[:4]]
-                self._step_tensors(group, full[0].device, [[t] for t in full] + [[item[4]]], hyper,
-                                   grad_scale, inf)
-                for dst, src in ((item[0], full[0]), (item[2], full[2]), (item[3], full[3])):
-                    dst.to_local().copy_(_local_shard_of(src, dst))
+
+            def step_lists(device: torch.device, lists: StepLists) -> None:
+                self._step_lists(group, device, lists, hyper, grad_scale, inf)
+
+            for device, bucket in buckets:
+                step_lists(device, bucket)
+            distributed.step_whole(whole, step_lists)  # DTensors whose units span ranks
             for tensors in zip(*exact):  # float64: the reference in float64
                 device = tensors[0].device
                 neptune_step_reference_multi(*[[t] for t in tensors], **_device_kwargs(device, hyper, grad_scale, inf),
@@ -377,12 +360,12 @@ class Neptune(Optimizer):
                 p.copy_(work)
         return loss
 
-    def _step_tensors(self, group, device, tensors, hyper, grad_scale, found_inf) -> None:
+    def _step_lists(self, group, device, lists: StepLists, hyper, grad_scale, found_inf) -> None:
         kw = _device_kwargs(device, hyper, grad_scale, found_inf)
         if self._use_op(device, group):
-            ops.neptune_step_(*tensors, **kw)
+            ops.neptune_step_(*lists, **kw)
         else:
-            neptune_step_reference_multi(*tensors, **kw)
+            neptune_step_reference_multi(*lists, **kw)
 
     def _check_capture(self) -> None:
         if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
@@ -405,11 +388,11 @@ class Neptune(Optimizer):
                     raise RuntimeError(f"Neptune: CUDA graph capture needs CUDA params, got one on {p.device}")
 
 
-def _buckets_by_device(lists) -> list:
+def _buckets_by_device(lists: StepLists) -> list[tuple[torch.device, StepLists]]:
     """[(device, lists)]: one operator call per device. The operator takes mixed param
     dtypes in one list, so one device needs no grouping at all, and the common
     single-device case skips torch's grouping (17 ms for 10,000 params)."""
-    params = lists[0]
+    params = lists.params
     if not params:
         return []
     if not torch.compiler.is_compiling():
@@ -417,10 +400,10 @@ def _buckets_by_device(lists) -> list:
         if all(p.device == device for p in params):
             return [(device, lists)]
     buckets = []
-    for (device, _dtype), (tensors, _) in Optimizer._group_tensors_by_device_and_dtype(lists).items():
+    for (device, _dtype), (tensors, _) in Optimizer._group_tensors_by_device_and_dtype(list(lists)).items():
         if device is None:  # torch.compile skips the grouping (one device assumed)
             device = tensors[0][0].device
-        buckets.append((device, tensors))
+        buckets.append((device, StepLists(*tensors)))
     return buckets
 
 
@@ -513,43 +496,3 @@ def _nonfinite_flags(grads_by_device, found_inf):
     if found_inf is not None:
         total = total + found_inf.to(total.device)
     return total
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "placements")
-
-
-def _units_are_local(t: Tensor) -> bool:
-    """A DTensor's local shard holds whole units: replicated, or rows of an ndim >= 2 param."""
-    for placement in t.placements:
-        if placement.is_replicate():
-            continue
-        if placement.is_shard() and placement.dim == 0 and t.dim() >= 2:
-            continue
-        return False
-    return True
-
-
-def _split_dtensors(lists):
-    """(plain lists with DTensors replaced by their local shards, DTensors to step whole)."""
-    params = lists[0]
-    if not any(_is_dtensor(p) for p in params):
-        return list(lists), []
-    local = [[] for _ in lists]
-    gathered = []
-    for i, p in enumerate(params):
-        item = [lst[i] for lst in lists]
-        if _is_dtensor(p) and not _units_are_local(p):
-            gathered.append(item)
-            continue
-        for dst, t in zip(local, item):
-            dst.append(t.to_local() if _is_dtensor(t) else t)
-    return local, gathered
-
-
-def _local_shard_of(full: Tensor, like: Tensor) -> Tensor:
-    """This rank's shard of a replicated full tensor, with `like`'s placements."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    replicated = DTensor.from_local(full, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
-    return replicated.redistribute(like.device_mesh, like.placements).to_local()
