@@ -1,6 +1,6 @@
 """Loading of the compiled extensions, thin wrappers around the operator, and what was built.
 
-The operator is ``torch.ops.neptune_ext.neptune_step_`` (schema in csrc/neptune_ops.cpp),
+The operator is ``torch.ops.neptune_ext.neptune_step_`` (schema in csrc/schema.h),
 with a CPU kernel in ``neptune_ext._C`` and a CUDA kernel in ``neptune_ext._C_cuda``.
 """
 from __future__ import annotations

@@ -433,7 +433,7 @@ def _is_dense(t: Tensor) -> bool:
 
 
 def _units_are_spans(p: Tensor) -> bool:
-    """What the operator accepts (csrc/neptune_checks.h, units_are_spans): dense memory with
+    """What the operator accepts (csrc/args.h, units_are_spans): dense memory with
     dim 0 outermost, so each unit p[i] is one contiguous span (channels_last conv weights
     are; transposed, sliced or strided views are not)."""
     if p.numel() == 0 or p.is_contiguous():

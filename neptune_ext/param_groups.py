@@ -1,9 +1,8 @@
-"""Build the recommended param groups for Neptune from a model (shared/NEPTUNE_SPEC.md,
-"Recommended use"):
+"""Build the recommended param groups for Neptune from a model (units: docs/rule.md, "Units"):
 
 - weights with ``ndim >= 2`` (conv filters, linear matrices, embeddings): decayed and clipped;
 - biases, norm gains and other ``ndim <= 1`` tensors: not decayed (``weight_decay=0``),
-  clipped like the weights (the spec exempts only the head from clipping);
+  clipped like the weights (only the head is exempt from clipping, as in NFNets);
 - the classifier head (its weight and bias): not clipped (``clip=0``); its weight is
   decayed, its bias is not.
 
