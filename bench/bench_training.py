@@ -33,17 +33,16 @@ import csv
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 
+import torch
+
+from neptune_ext import training as lib
+from neptune_ext.ops import cpu_name
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
-
-import torch  # noqa: E402
-
-import train_lib as lib  # noqa: E402
 
 LR_GRID = {"neptune": [1e-3, 3e-3, 1e-2, 3e-2], "adamw": [1e-3, 3e-3, 1e-2, 3e-2], "sgd": [0.01, 0.03, 0.1, 0.3]}
 # fashion-mnist: 3 lrs around a probe's (3e-3 / 0.1 at batch 128) to fit the CPU budget; the edge rule extends them
@@ -225,17 +224,6 @@ def git_head() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     except OSError:
         return ""
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def base_cfg(args, optimizer, lr, seed, **kw):
@@ -486,7 +474,7 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
     head = args.git_head
 
     L.append(f"Code: git {head or '?'} at the start (uncommitted changes not tracked here); Neptune CPU kernel ISA: "
-             f"{build_info().get('cpu_isa', '?')}. Adam-family trajectories are chaotic (spec, 'Numerics'): a kernel change "
+             f"{build_info().get('cpu_isa', '?')}. Adam-family trajectories are chaotic (docs/rule.md, 'Numerics and tolerances'): a kernel change "
              "that moves rounding changes individual runs, not the statistics.")
     L.append("")
     if args.device == "cpu":
@@ -496,7 +484,7 @@ def report(runs, arms, best_lr, best_clip, args, total, stem):
                  "epochs-to-target as the speed measure.")
         L.append("")
     aug = "random crop of the reflect-padded image" + (" + horizontal flip" if args.flip else "")
-    L.append(f"Setup: ResNet-9 style net (examples/train_lib.py), width {args.width}, {args.epochs} epochs, batch "
+    L.append(f"Setup: ResNet-9 style net (neptune_ext/training.py), width {args.width}, {args.epochs} epochs, batch "
              f"{args.batch_size}, training subset {args.train_size or 'all'} images (class-balanced, chosen by the seed), "
              f"augmentation: {aug}; label smoothing 0.2, linear warm-up (20% of steps) then linear "
              "decay to 0. Weight decay 1e-2 for Neptune/AdamW, 5e-4 for SGD (Nesterov, momentum 0.9), on ndim>=2 weights "

@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from train_lib import DATASETS, DEFAULT_LR, OPTIMIZERS, RunConfig, get_data, train  # noqa: E402
+from neptune_ext.training import DATASETS, DEFAULT_LR, OPTIMIZERS, RunConfig, get_data, train
 
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "train_eval_acc", "test_acc", "seconds"]
 

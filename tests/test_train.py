@@ -1,4 +1,5 @@
 import csv
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -11,14 +12,28 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-sys.path.insert(0, EXAMPLES)
-
-import train  # noqa: E402
-import train_lib as lib  # noqa: E402
 from test_datasets import write_fashion  # noqa: E402
 
 from neptune_ext import datasets as ds  # noqa: E402
+from neptune_ext import training as lib  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "examples")
+
+
+def load_script(path: str, name: str):
+    """A script of the repository (examples/, bench/) as a fresh module."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_bench():
+    return load_script("bench/bench_training.py", "bench_training")
+
+
+train = load_script("examples/train.py", "train")
 
 
 def write_tiny_cifar(root, per_batch=4, test=6):
@@ -151,13 +166,7 @@ def test_cli_falls_back_when_cifar_missing(tmp_path):
 
 def test_bench_training_quick_writes_report(tmp_path):
     """The README's demo command: bench/bench_training.py --quick (1 seed, 3 arms)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(EXAMPLES), "bench", "bench_training.py")
-    spec = importlib.util.spec_from_file_location("bench_training", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    runs = bench.main(["--quick", "--epochs", "1", "--width", "2", "--no-progress", "--out-dir", str(tmp_path)])
+    runs = load_bench().main(["--quick", "--epochs", "1", "--width", "2", "--no-progress", "--out-dir", str(tmp_path)])
     assert sorted(r["arm"] for r in runs) == ["adamw", "neptune", "sgd"]
     assert all(0.0 <= r["final_test_acc"] <= 1.0 for r in runs)
     md = (tmp_path / "training_digits_quick.md").read_text()
@@ -234,16 +243,6 @@ def test_cli_trains_on_fashion_mnist_files_in_data_dir(tmp_path):
     with open(tmp_path / "out" / "fashion-mnist_adamw_lr0.01_seed0.csv") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
     assert d.endswith("raw")
-
-
-def load_bench():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(EXAMPLES), "bench", "bench_training.py")
-    spec = importlib.util.spec_from_file_location("bench_training", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_bench_fashion_mnist_sweeps_on_validation_and_scores_on_test(tmp_path, monkeypatch, no_system_fashion):

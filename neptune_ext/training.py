@@ -1,10 +1,12 @@
-"""Reusable pieces of the image-classification example and benchmark: data (CIFAR-10 via
-torchvision, Fashion-MNIST from its IDX files, or scikit-learn's embedded digits), a
-validation split, batched tensor augmentation, a ResNet-9 style network of configurable
-width, optimizers with the recommended param groups, a warm-up + decay schedule, and the
-training loop.
+"""The image-classification training library behind the training example and benchmark:
+data (CIFAR-10 via torchvision, Fashion-MNIST from its IDX files, or scikit-learn's
+embedded digits), a validation split, batched tensor augmentation, a ResNet-9 style
+network of configurable width, optimizers with the recommended param groups, a warm-up +
+decay schedule, and the training loop.
 
-Used by examples/train.py and bench/bench_training.py.
+Used by examples/train.py and bench/bench_training.py. Not imported by ``import
+neptune_ext``; torchvision, scikit-learn and tqdm are imported only by the functions
+that need them.
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neptune_ext import Neptune
-from neptune_ext.datasets import FASHION_MNIST_INSTALL_HINT, load_fashion_mnist
-from neptune_ext.param_groups import param_groups
+from .datasets import FASHION_MNIST_INSTALL_HINT, load_fashion_mnist
+from .optimizer import Neptune
+from .param_groups import param_groups
 
 OPTIMIZERS = ("neptune", "adamw", "sgd")
 DATASETS = ("cifar10", "fashion-mnist", "digits")
