@@ -8,7 +8,7 @@
 
 Contenders (filter with --contenders):
   neptune-op          neptune_ext.neptune_step_ on the tensor lists (the fused operator alone)
-  neptune-op-bf16state  the same with exp_avg / exp_avg_sq in bf16 (the memory-lean variant)
+  neptune-op-bf16-state  the same with exp_avg / exp_avg_sq in bf16 (the bf16 state)
   neptune-optimizer   neptune_ext.Neptune(...).step() (operator + Python grouping overhead)
   neptune-optimizer-strided  the same with every ndim >= 2 param (and its grad) stored
                       transposed (dims reversed: dense, but units are not contiguous spans),
@@ -83,7 +83,6 @@ import datetime as _dt
 import gc
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -92,12 +91,12 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_sets import ParamSet, build_sets  # noqa: E402
+from neptune_ext.ops import StepLists, cpu_name
+from step_sets import ParamSet, build_sets  # bench/, the script's own directory (on sys.path when run)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTENDERS = (
-    "neptune-op", "neptune-op-bf16state", "neptune-optimizer", "neptune-optimizer-strided", "neptune-reference",
+    "neptune-op", "neptune-op-bf16-state", "neptune-optimizer", "neptune-optimizer-strided", "neptune-reference",
     "adamw-forloop", "adamw-foreach", "adamw-fused", "deepspeed-cpu-adam",
     "timm-agc-cadamw-foreach", "timm-agc-cadamw-forloop",
 )
@@ -178,11 +177,11 @@ def _transposed(p: torch.nn.Parameter) -> torch.nn.Parameter:
     return q
 
 
-def _neptune_lists(params, state_dtype=torch.float32):
+def _neptune_lists(params, state_dtype=torch.float32) -> StepLists:
     ms = [torch.zeros_like(p, dtype=state_dtype) for p in params]
     vs = [torch.zeros_like(p, dtype=state_dtype) for p in params]
     steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
-    return [p.detach() for p in params], [p.grad for p in params], ms, vs, steps
+    return StepLists([p.detach() for p in params], [p.grad for p in params], ms, vs, steps)
 
 
 def _neptune_kwargs():
@@ -193,9 +192,9 @@ def _neptune_kwargs():
 def build_instance(name: str, params: list[torch.nn.Parameter]) -> Instance:
     import neptune_ext
 
-    if name in ("neptune-op", "neptune-op-bf16state", "neptune-reference"):
-        # neptune-op-bf16state: the memory-lean variant (exp_avg / exp_avg_sq in bf16).
-        lists = _neptune_lists(params, torch.bfloat16 if name == "neptune-op-bf16state" else torch.float32)
+    if name in ("neptune-op", "neptune-op-bf16-state", "neptune-reference"):
+        # neptune-op-bf16-state: the bf16 state (exp_avg / exp_avg_sq in bf16).
+        lists = _neptune_lists(params, torch.bfloat16 if name == "neptune-op-bf16-state" else torch.float32)
         fn = neptune_ext.neptune_step_reference_multi if name == "neptune-reference" else neptune_ext.neptune_step_
         kw = _neptune_kwargs()
 
@@ -203,7 +202,7 @@ def build_instance(name: str, params: list[torch.nn.Parameter]) -> Instance:
             fn(*lists, **kw)
 
         def nbytes():
-            return sum(_traffic(p, [m, v]) for p, m, v in zip(params, lists[2], lists[3]))
+            return sum(_traffic(p, [m, v]) for p, m, v in zip(params, lists.exp_avgs, lists.exp_avg_sqs))
 
         return Instance(step, nbytes, [params, lists])
 
@@ -275,7 +274,7 @@ def available_contenders(device: str, wanted: list[str]) -> tuple[list[str], lis
             except ImportError as e:
                 notes.append(f"{c}: skipped, timm not importable ({type(e).__name__})")
                 continue
-        if (c in ("neptune-op", "neptune-op-bf16state", "neptune-optimizer", "neptune-optimizer-strided")
+        if (c in ("neptune-op", "neptune-op-bf16-state", "neptune-optimizer", "neptune-optimizer-strided")
                 and not neptune_ext.has_kernel(device)):
             notes.append(f"{c}: skipped, no compiled Neptune kernel for {device} ({neptune_ext.ops.describe_build()})")
             continue
@@ -508,16 +507,7 @@ def machine_name(device: str) -> str:
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, L2 {p.L2_cache_size / 2**20:.0f} MiB, {p.multi_processor_count} SMs)"
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} logical CPUs)"
+    return f"{cpu_name()} ({os.cpu_count()} logical CPUs)"
 
 
 def stem(args, dtype_name: str, threads: int) -> str:

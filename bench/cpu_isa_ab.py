@@ -1,23 +1,22 @@
 """Interleaved A/B of the CPU kernel sets on one parameter list: the Neptune operator's
 step time with NEPTUNE_CPU_ISA set to each named set in turn, round-robin per step.
 
-    python bench/cpu_isa_ab.py --set resnet50 --dtype bf16 --threads 1 --isas avx512,avx512bf16
+    python bench/cpu_isa_ab.py --set resnet50 --dtype bf16 --threads 1
+    python bench/cpu_isa_ab.py --set resnet50 --isas avx2,avx512
 
-Prints the median and p20/p80 ms per step for each set (the sets give bitwise the same
-result, so only time differs); nothing is written.
+--isas defaults to every set this machine can run (torch.ops.neptune_ext.cpu_kernel_sets(),
+oldest first). Prints the median and p20/p80 ms per step for each set (the sets give
+bitwise the same result, so only time differs); nothing is written.
 """
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_sets import build_sets  # noqa: E402
-
-from neptune_ext import neptune_step_  # noqa: E402
+from neptune_ext import neptune_step_
+from step_sets import build_sets  # bench/, the script's own directory (on sys.path when run)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,10 +27,16 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--state-dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--isas", default="avx512,avx512bf16", help="comma list of NEPTUNE_CPU_ISA values")
+    p.add_argument("--isas", default=None,
+                   help="comma list of NEPTUNE_CPU_ISA values (default: every set this machine can run)")
     p.add_argument("--steps", type=int, default=40, help="timed steps per set (after 3 untimed)")
     p.add_argument("--quick", action="store_true", help="the tiny stand-in of the set (smoke tests)")
     args = p.parse_args()
+    runnable = list(torch.ops.neptune_ext.cpu_kernel_sets())
+    isas = args.isas.split(",") if args.isas else runnable
+    unknown = [isa for isa in isas if isa not in runnable]
+    if unknown:
+        p.error(f"--isas: {', '.join(unknown)} not runnable here; this machine runs {', '.join(runnable)}")
     torch.set_num_threads(args.threads)
     dtype, sdt = DTYPES[args.dtype], DTYPES[args.state_dtype]
     pset = build_sets(args.set, "cpu", quick=args.quick)[0]
@@ -41,7 +46,6 @@ def main() -> None:
     M = [torch.zeros(s, dtype=sdt) for s in pset.shapes]
     V = [torch.zeros(s, dtype=sdt) for s in pset.shapes]
     S = [torch.zeros(()) for _ in pset.shapes]
-    isas = args.isas.split(",")
     times = {isa: [] for isa in isas}
     for k in range(args.steps + 3):
         for isa in isas:

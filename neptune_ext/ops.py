@@ -71,6 +71,24 @@ def build_info() -> dict:
     return info
 
 
+def cpu_name() -> str:
+    """The CPU's model name, for labelling benchmark results (lscpu's "Model name", else
+    what the platform module knows)."""
+    import platform
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
+                             env={**os.environ, "LC_ALL": "C"}).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name" and value.strip():
+                return value.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def describe_build() -> str:
     i = build_info()
     parts = [f"CPU kernel {'loaded' if i['cpu_kernel_loaded'] else 'missing'}"]

@@ -14,17 +14,25 @@ import torch
 import neptune_ext
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-sys.path.insert(0, BENCH)
 
-import step_sets  # noqa: E402
+
+def _load(name: str):
+    """The script bench/<name>.py as a module, registered under its name: the scripts import
+    each other by name (bench/ is on sys.path when one runs), and dataclasses look their
+    module up in sys.modules."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+step_sets = _load("step_sets")
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step", os.path.join(BENCH, "bench_step.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_step"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return _load("bench_step")
 
 
 def test_named_set_sizes():
@@ -52,7 +60,7 @@ def test_resnet50_matches_torchvision():
 
 def test_bench_step_quick_run(tmp_path):
     bench = _load_bench()
-    contenders = "neptune-op,neptune-optimizer,neptune-reference,adamw-foreach,adamw-fused"
+    contenders = "neptune-op,neptune-op-bf16-state,neptune-optimizer,neptune-reference,adamw-foreach,adamw-fused"
     try:  # the timm composite runs when timm is installed (CI installs it)
         import timm  # noqa: F401
 
@@ -84,9 +92,10 @@ def test_bench_step_quick_run(tmp_path):
         assert 0 < p20 <= med <= p80 and math.isfinite(p80)
         assert float(r["GB_s"]) > 0 and int(r["reps"]) >= 1
         n = int(r["n_params"])
-        # fp32: 28 bytes per param for Neptune and AdamW alike
-        assert int(r["bytes_per_step"]) == 28 * n, r
-        assert math.isclose(float(r["GB_s"]), 28 * n / (med * 1e-3) / 1e9, rel_tol=1e-3)
+        # fp32: 28 bytes per param for Neptune and AdamW alike; 20 with the bf16 state
+        per = 20 if r["contender"] == "neptune-op-bf16-state" else 28
+        assert int(r["bytes_per_step"]) == per * n, r
+        assert math.isclose(float(r["GB_s"]), per * n / (med * 1e-3) / 1e9, rel_tol=1e-3)
         assert r["frac_of_copy"] == "" and r["launches"] == ""  # CUDA only
         if r["contender"] == "adamw-fused":
             assert math.isclose(float(r["ratio_to_adamw_fused"]), 1.0)
@@ -100,10 +109,12 @@ def test_bench_step_quick_run(tmp_path):
     single = [r for r in got if r["set"] == "single"]
     assert sorted({int(r["n_params"]) for r in single}) == [1024, 4096]
 
-    # bf16 params: Neptune keeps fp32 state (22 B/param), torch AdamW bf16 state (14 B/param)
+    # bf16 params: Neptune keeps fp32 state (22 B/param) unless asked for the bf16 state,
+    # torch AdamW bf16 state (14 B/param)
     bf = [r for r in rows if r["dtype"] == "bf16"]
     for r in bf:
-        per = 22 if r["contender"].startswith("neptune") else 14  # timm's cadamw: bf16 state, like AdamW
+        fp32_state = r["contender"].startswith("neptune") and r["contender"] != "neptune-op-bf16-state"
+        per = 22 if fp32_state else 14  # timm's cadamw: bf16 state, like AdamW
         assert r["bytes_per_step"] == per * r["n_params"], r
 
     md = (tmp_path / "step_cpu_bf16_t1_quick.md").read_text()
@@ -158,10 +169,14 @@ def test_bench_step_blocked_mode(tmp_path):
 
 @pytest.mark.skipif(not neptune_ext.has_kernel("cpu"), reason="CPU extension not built")
 def test_cpu_isa_ab_quick():
-    """bench/cpu_isa_ab.py times the scalar and the best kernel set on a tiny set."""
-    isas = torch.ops.neptune_ext.cpu_isa()  # the best set; scalar runs everywhere
-    out = subprocess.run([sys.executable, os.path.join(BENCH, "cpu_isa_ab.py"), "--quick", "--steps", "3",
-                          "--isas", f"scalar,{isas}", "--dtype", "bf16"], capture_output=True, text=True,
-                         check=True, timeout=300).stdout
+    """bench/cpu_isa_ab.py times every kernel set this machine runs (its default) on a tiny
+    set, and rejects a set it cannot run."""
+    sets = list(torch.ops.neptune_ext.cpu_kernel_sets())
+    script = os.path.join(BENCH, "cpu_isa_ab.py")
+    out = subprocess.run([sys.executable, script, "--quick", "--steps", "3", "--dtype", "bf16"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
     rows = [line.split() for line in out.splitlines() if "median" in line]
-    assert [r[0] for r in rows] == ["scalar", isas] and all(float(r[2]) > 0 for r in rows), out
+    assert [r[0] for r in rows] == sets and all(float(r[2]) > 0 for r in rows), out
+    bad = subprocess.run([sys.executable, script, "--quick", "--isas", f"{sets[0]},no-such-set"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no-such-set not runnable here" in bad.stderr, bad.stderr
