@@ -158,7 +158,7 @@ stage racecheck 60 bash -c 'sanitize racecheck'
 # on sets of up to 2,000 tensors (bench_step.py's limit).
 stage bench 150 "$PY" bench/bench_step.py --device cuda --dtype fp32,bf16 \
   --sets resnet50,gpt2-small,gpt2-medium,many-small,single --single-range 16:28:4 --target-s 0.05 \
-  --contenders neptune-op,neptune-op-bf16state,neptune-optimizer,neptune-reference,adamw-foreach,adamw-fused,timm-agc-cadamw-foreach \
+  --contenders neptune-op,neptune-op-bf16-state,neptune-optimizer,neptune-reference,adamw-foreach,adamw-fused,timm-agc-cadamw-foreach \
   --out-dir bench/results --tag "$CARD"
 
 stage pytest-rest 150 "$PY" -m pytest -q -rs tests --ignore=tests/test_neptune_step_cuda.py \
