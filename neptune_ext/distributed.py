@@ -37,12 +37,11 @@ def split_dtensors(lists: StepLists) -> tuple[StepLists, StepLists]:
     if not any(is_dtensor(p) for p in lists.params):
         return lists, StepLists.empty()
     local, whole = StepLists.empty(), StepLists.empty()
-    for tensors in zip(*lists):
-        p = tensors[0]
+    for p, g, m, v, s in zip(*lists):
         if is_dtensor(p) and not units_are_local(p):
-            whole.append(*tensors)
+            whole.append(p, g, m, v, s)
         else:
-            local.append(*(t.to_local() if is_dtensor(t) else t for t in tensors))
+            local.append(*(t.to_local() if is_dtensor(t) else t for t in (p, g, m, v, s)))
     return local, whole
 
 

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from . import distributed, ops
 from .bf16_state import STATE_DTYPE_RANGE, STATE_DTYPES, state_dtype_name
 from .ops import StepLists
-from .reference import neptune_step_reference_multi
+from .reference import neptune_step_reference, neptune_step_reference_multi
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the operator's
 # Stepped by the reference computed in float64, with float64 state (as AdamW keeps it):
@@ -352,10 +352,9 @@ class Neptune(Optimizer):
             for device, bucket in buckets:
                 step_lists(device, bucket)
             distributed.step_whole(whole, step_lists)  # DTensors whose units span ranks
-            for tensors in zip(*exact):  # float64: the reference in float64
-                device = tensors[0].device
-                neptune_step_reference_multi(*[[t] for t in tensors], **_device_kwargs(device, hyper, grad_scale, inf),
-                                             compute_dtype=torch.float64)
+            for p, g, m, v, s in zip(*exact):  # float64: the reference in float64
+                neptune_step_reference(p, g, m, v, s, **_device_kwargs(p.device, hyper, grad_scale, inf),
+                                       compute_dtype=torch.float64)
             for p, work in zip(*scratch):
                 p.copy_(work)
         return loss
