@@ -57,7 +57,7 @@ Reported: median, p20, p80 ms per step.
 Bytes per step are the minimum traffic of the rule, counted from the tensors each contender
 actually touches (state dtype read from the optimizer's state after the first step):
 param read + write, grad read, each state tensor read + write (step counters ignored).
-fp32 Neptune/AdamW: 28 B/param; bf16 params: Neptune (fp32 state) 22 B/param, torch AdamW
+fp32 Neptune/AdamW: 28 B/param (Neptune with the bf16 state: 20); bf16 params: Neptune (fp32 state) 22 B/param, torch AdamW
 (bf16 state) 14 B/param; fp64 (float64 state for both): 56 B/param. GB_s = bytes / median (1 GB = 1e9 B). Temporaries of the
 forloop/foreach/reference paths are not counted, so their GB_s is "effective".
 ratio_to_adamw_fused = contender median / adamw-fused median (same set, size, dtype, threads).
