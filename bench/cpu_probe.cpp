@@ -1,7 +1,7 @@
 // CPU probe: where the time of one Neptune step goes on this machine, without torch.
-// Links the real per-ISA kernels (csrc/neptune_step_cpu_<isa>.cpp) and times, on one thread:
+// Links the real per-ISA kernels (csrc/cpu/set_<isa>.cpp) and times, on one thread:
 //   1. each pass with its data in L2 (compute cost per element, best of the repetitions),
-//      and (1b) the same for 16-bit params and the memory-lean bf16 state;
+//      and (1b) the same for 16-bit params and the bf16 state;
 //   2. the same kernels streaming from DRAM, units of one length over 100 MB arrays:
 //      one pass (clip 0, no mask: AdamW) against Neptune's look-then-update per unit;
 //   3. the same two memory patterns with trivial arithmetic, to separate the cost of the
@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "neptune_step_cpu.h"
+#include "cpu/kernels.h"
 
 using namespace neptune;
 

@@ -1,9 +1,9 @@
 // Every float through the vector 16-bit stores of the avx512bf16 kernel set (the
 // hardware conversions, F16C and AVX512-BF16, with their NaN / denormal fallbacks)
-// against the scalar emulation that the scalar kernel set and the tails use; every half
+// against the software conversions (rule.h) that the sse2 kernel set and the tails use; every half
 // through the F16C load. Default MXCSR, then DAZ|FTZ (torch.set_flush_denormal(True)).
 // Built and run by test_16bit_conversions.py; prints the mismatch counts, exits 1 on any.
-#include "neptune_step_cpu.h"
+#include "cpu/kernels.h"
 #include <immintrin.h>
 #include <cstdio>
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi2,popcnt,prefer-vector-width=512")
@@ -11,7 +11,7 @@
 #define NEPTUNE_CPU_ISA_NAME "conversions_check"
 #define NEPTUNE_CPU_WIDTH 16
 #define NEPTUNE_CPU_AVX512BF16 1
-#include "neptune_step_cpu_kernel.h"
+#include "cpu/kernel_body.h"
 
 namespace neptune {
 namespace {

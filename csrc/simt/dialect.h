@@ -1,4 +1,4 @@
-// The CUDA dialect for the host compiler: what csrc/neptune_step_cuda.cu uses of CUDA, and
+// The CUDA dialect for the host compiler: what csrc/cuda/kernels.cu uses of CUDA, and
 // nothing more, so that the unchanged kernel source compiles with g++/clang (-x c++) and
 // runs on the CPU under the SIMT emulator (scheduler.cpp). A kernel that starts using
 // another CUDA feature (atomics, __ldg, cooperative groups, ...) fails to compile here
@@ -20,7 +20,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "runtime_api.h"
+#include "simt/runtime_api.h"
 
 #pragma GCC diagnostic ignored "-Wunknown-pragmas"  // #pragma unroll is nvcc's
 

@@ -1,12 +1,12 @@
 // The CPU memory traversal of one Neptune step, compiled once per instruction set:
-// neptune_step_cpu_<isa>.cpp sets `#pragma GCC target(...)`, defines NEPTUNE_CPU_ISA and
+// cpu/set_<isa>.cpp sets `#pragma GCC target(...)`, defines NEPTUNE_CPU_ISA and
 // includes this file. Everything here has internal linkage so that code compiled for
 // AVX-512 can never be picked by the linker for a caller on an older CPU.
-// Math is neptune_math.h; this file only walks memory. Build with -ffp-contract=off so
+// Math is rule.h; this file only walks memory. Build with -ffp-contract=off so
 // every ISA build gives bitwise the same result (lane-wise sums, no FMA contraction).
 
 #if !defined(NEPTUNE_CPU_ISA) || !defined(NEPTUNE_CPU_WIDTH)
-#error "define NEPTUNE_CPU_ISA (scalar, avx2, avx512, avx512bf16) and NEPTUNE_CPU_WIDTH before including this file"
+#error "define NEPTUNE_CPU_ISA (sse2, avx2, avx512, avx512bf16) and NEPTUNE_CPU_WIDTH before including this file"
 #endif
 
 namespace neptune {
@@ -234,7 +234,7 @@ inline int count_lanes(vf x) {
 }
 
 // exp_avg / exp_avg_sq storage: float32, or bfloat16 with deterministic stochastic
-// rounding (neptune_math.h's sr_hash / bf16_round_stochastic, vectorized here bit for bit;
+// rounding (rule.h's sr_hash / bf16_round_stochastic, vectorized here bit for bit;
 // one hash per element rounds both moments).
 template <int S> struct State;
 template <> struct State<kF32> {
@@ -454,7 +454,7 @@ void counts_t(const CpuTensorArgs& a, int64_t b, int64_t e, float s, int64_t* n_
 }
 
 // The streaming pass: read W, G, M, V once, write W, M, V once. The vector body is the
-// same arithmetic as neptune_math.h's element_step (used for the tail), op for op.
+// same arithmetic as rule.h's element_step (used for the tail), op for op.
 // UNIT_G: gmul == 1 and s == 1, so the gradient is used as stored (bitwise the same).
 // ubase is the first element of the unit: stochastic-rounding bits are keyed by the index
 // within the unit, so a row shard stepped alone rounds as the whole tensor does (property 5).

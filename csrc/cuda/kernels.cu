@@ -1,8 +1,8 @@
 // CUDA kernels of neptune_ext::neptune_step_. Torch-free on purpose (cuda_runtime and the
 // bf16/fp16 headers only), so each architecture compiles in seconds; the operator's
-// validation and registration live in neptune_step_cuda_register.cpp.
+// validation and registration live in cuda/operator.cpp.
 //
-// Design (the plan is neptune_cuda_plan.h, tested on the CPU):
+// Design (the plan is cuda/plan.h, tested on the CPU):
 //  - One unit = one LayerNorm-like row. A warp (unit_len <= 2048) or a block (<= 16384)
 //    walks the unit three times: W,G -> squared norms -> clip factor; G,M -> agreement /
 //    active counts -> rho; W,G,M,V -> new W,M,V. Only the first touch of each array comes
@@ -31,8 +31,8 @@
 #include <limits.h>
 #include <string.h>
 
-#include "neptune_cuda_launch.h"
-#include "neptune_math.h"
+#include "cuda/layout.h"
+#include "rule.h"
 
 namespace neptune {
 namespace {
@@ -396,14 +396,14 @@ __device__ __forceinline__ void chunk_step(const StepArgs& a, const DevTensor& t
     case kF16: { constexpr int D = kF16; __VA_ARGS__; } break;   \
     default: { constexpr int D = kF32; __VA_ARGS__; } break;     \
   }
-// In kernels with LEAN false (no tensor has bf16 state) the bf16-state paths are not
+// In kernels with BF16_STATE false (no tensor has bf16 state) the bf16-state paths are not
 // instantiated at all, so they cannot raise the kernel's register use.
 #define NEPTUNE_DISPATCH(t, ...)                           \
   do {                                                     \
-    bool lean_state_ = false;                              \
-    if constexpr (LEAN) lean_state_ = (t).state_dtype == kBF16; \
-    if (lean_state_) {                                     \
-      if constexpr (LEAN) {                                \
+    bool bf16_state_ = false;                              \
+    if constexpr (BF16_STATE) bf16_state_ = (t).state_dtype == kBF16; \
+    if (bf16_state_) {                                     \
+      if constexpr (BF16_STATE) {                          \
         constexpr int S = kBF16;                           \
         NEPTUNE_DISPATCH_D(t, __VA_ARGS__)                 \
       }                                                    \
@@ -417,7 +417,7 @@ __device__ __forceinline__ bool skip_step(const StepArgs& a) { return a.found_in
 
 // The main launch: warp units (several per block, of any tensors), block units, and the
 // first role of every chunk.
-template <bool LEAN>
+template <bool BF16_STATE>
 __global__ void __launch_bounds__(kThreads, 3) neptune_main_kernel(const StepArgs a, int32_t chunk_role) {
   if (skip_step(a)) return;
   const int64_t s0 = (int64_t)blockIdx.x * kWarpsPerBlock;
@@ -447,7 +447,7 @@ __global__ void __launch_bounds__(kThreads, 3) neptune_main_kernel(const StepArg
 }
 
 // A later role of every chunk: one block per chunk, over long space.
-template <bool LEAN>
+template <bool BF16_STATE>
 __global__ void __launch_bounds__(kThreads, 4) neptune_long_kernel(const StepArgs a, int32_t role) {
   if (skip_step(a)) return;
   const int64_t lb = blockIdx.x;
@@ -509,13 +509,13 @@ cudaError_t neptune_cuda_step(const StepArgs& args, int64_t main_blocks, int64_t
     const unsigned grid = (unsigned)seq[k].blocks;
     switch (seq[k].kind) {
       case kLaunchMain:
-        if (args.lean)
+        if (args.bf16_state)
           NEPTUNE_LAUNCH(neptune_main_kernel<true>, grid, kThreads, stream, args, seq[k].role);
         else
           NEPTUNE_LAUNCH(neptune_main_kernel<false>, grid, kThreads, stream, args, seq[k].role);
         break;
       case kLaunchLong:
-        if (args.lean)
+        if (args.bf16_state)
           NEPTUNE_LAUNCH(neptune_long_kernel<true>, grid, kThreads, stream, args, seq[k].role);
         else
           NEPTUNE_LAUNCH(neptune_long_kernel<false>, grid, kThreads, stream, args, seq[k].role);

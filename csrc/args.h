@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "neptune_math.h"
+#include "rule.h"
 
 namespace neptune {
 
@@ -70,7 +70,7 @@ inline void check_distinct_steps(at::TensorList steps) {
                     "] are the same counter; every param needs its own step tensor");
 }
 
-// allow_bf16_state: exp_avg / exp_avg_sq may be bfloat16 (the memory-lean variant).
+// allow_bf16_state: exp_avg / exp_avg_sq may be bfloat16 (bf16 state).
 inline void check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList steps,
                         c10::DeviceType device_type, bool allow_bf16_state = false) {
@@ -98,7 +98,7 @@ inline void check_lists(at::TensorList params, at::TensorList grads, at::TensorL
     const bool state_ok = m.scalar_type() == v.scalar_type() &&
                           (m.scalar_type() == at::kFloat || (allow_bf16_state && m.scalar_type() == at::kBFloat16));
     TORCH_CHECK(state_ok, "neptune_step_: exp_avgs[", i, "] and exp_avg_sqs[", i, "] must both be float32",
-                allow_bf16_state ? " or both bfloat16 (the memory-lean variant)" : "",
+                allow_bf16_state ? " or both bfloat16 (bf16 state)" : "",
                 " on this device; got ", m.scalar_type(), " and ", v.scalar_type());
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == 1, "neptune_step_: steps[", i, "] must be a float32 scalar tensor");
     TORCH_CHECK(g.sizes() == p.sizes() && m.sizes() == p.sizes() && v.sizes() == p.sizes(),
