@@ -1,4 +1,5 @@
-// Argument validation and per-tensor constants shared by the CPU and CUDA operators.
+// The operators' hyperparameters and the argument validation shared by the CPU and CUDA
+// operators (the emulated one included).
 // Everything is checked before anything is written, so a bad call changes nothing.
 #pragma once
 
@@ -121,21 +122,6 @@ inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* 
               t->numel(), " elements");
   TORCH_CHECK(t->device().type() == device_type, "neptune_step_: ", name, " must be on the ",
               c10::DeviceTypeName(device_type), " device like the params, got ", t->device());
-}
-
-// Per-tensor constants for step number t (the incremented step), from host scalars.
-inline StepConsts step_consts(const Hyper& h, double t, float gmul) {
-  StepConsts c;
-  c.beta1 = (float)h.beta1;
-  c.one_minus_beta1 = (float)(1.0 - h.beta1);
-  c.beta2 = (float)h.beta2;
-  c.one_minus_beta2 = (float)(1.0 - h.beta2);
-  fold_bias_corrections(c, h.lr, h.eps, 1.0 - std::pow(h.beta1, t), 1.0 - std::pow(h.beta2, t));
-  c.decay = (float)(1.0 - h.lr * h.weight_decay);
-  c.gmul = gmul;
-  c.clip = (float)h.clip;
-  c.cautious = h.cautious ? 1 : 0;
-  return c;
 }
 
 }  // namespace neptune

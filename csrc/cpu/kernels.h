@@ -48,28 +48,29 @@ const CpuKernels& cpu_kernels_avx2();
 const CpuKernels& cpu_kernels_avx512();
 const CpuKernels& cpu_kernels_avx512bf16();
 
-// What each kernel set needs of the CPU (its file's `#pragma GCC target`).
+// What each kernel set needs of the CPU (its file's `#pragma GCC target`). Internal linkage, as
+// everything the set files include after their pragma.
 #if defined(__x86_64__)
-inline bool cpu_has_avx512() {
+static inline bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
-inline bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
-inline bool cpu_has_avx2() {
+static inline bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+static inline bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
 }
 #else
-inline bool cpu_has_avx512() { return false; }
-inline bool cpu_has_avx512bf16() { return false; }
-inline bool cpu_has_avx2() { return false; }
+static inline bool cpu_has_avx512() { return false; }
+static inline bool cpu_has_avx512bf16() { return false; }
+static inline bool cpu_has_avx2() { return false; }
 #endif
 
 // The kernel set a step runs now: NEPTUNE_CPU_ISA's, else the best (cpu/operator.cpp).
 const CpuKernels& selected_cpu_kernels();
 
 // The best kernel set this CPU runs.
-inline const CpuKernels& cpu_kernels_best() {
+static inline const CpuKernels& cpu_kernels_best() {
   if (cpu_has_avx512bf16()) return cpu_kernels_avx512bf16();
   if (cpu_has_avx512()) return cpu_kernels_avx512();
   if (cpu_has_avx2()) return cpu_kernels_avx2();

@@ -137,8 +137,8 @@ void neptune_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tens
 
   // A step with found_inf set changes nothing, `step` included.
   if (found_inf.has_value() && found_inf->item<float>() != 0.f) return;
-  float gmul = h.maximize ? -1.f : 1.f;
-  if (grad_scale.has_value()) gmul /= grad_scale->item<float>();
+  const float gmul =
+      grad_multiplier(h.maximize, grad_scale.has_value(), grad_scale.has_value() ? grad_scale->item<float>() : 1.f);
 
   const int64_t n = (int64_t)params.size();
   std::vector<CpuTensorArgs> args(n);
@@ -157,7 +157,7 @@ void neptune_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tens
     a.numel = p.numel();
     a.unit_len = unit_len_of(p);
     a.dtype = param_dtype_code(p.scalar_type());
-    a.c = step_consts(h, (double)*step, gmul);
+    a.c = step_consts(h.lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.clip, h.cautious ? 1 : 0, (double)*step, gmul);
     total += a.numel;
   }
   if (total == 0) return;

@@ -1,4 +1,5 @@
-// Neptune CPU kernels for any CPU: SSE2 on x86-64 (4-wide vectors; generic vectors elsewhere) (see cpu/kernel_body.h).
+// Neptune CPU kernels for any CPU: SSE2 on x86-64, 4-wide vectors (generic vectors elsewhere;
+// see cpu/kernel_body.h). The baseline of x86-64: no target pragma.
 #include "cpu/kernels.h"
 #if defined(__x86_64__)
 #include <immintrin.h>
