@@ -86,17 +86,9 @@ CpuTensorArgs tensor_args(const Arrays& a, int64_t unit_len, float clip, int cau
   t.dtype = dtype;
   t.state_dtype = state_dtype;
   t.sr_step = 10;
-  StepConsts& c = t.c;
-  c.beta1 = 0.9f;
-  c.one_minus_beta1 = 0.1f;
-  c.beta2 = 0.999f;
-  c.one_minus_beta2 = 0.001f;
   // lr tiny: the weights barely move however long the probe runs
-  fold_bias_corrections(c, 1e-9, 1e-8, 1.0 - std::pow(0.9, 10.0), 1.0 - std::pow(0.999, 10.0));
-  c.decay = 1.f;
-  c.gmul = 1.f;
-  c.clip = clip;
-  c.cautious = cautious;
+  t.c = step_consts(/*lr=*/1e-9, /*beta1=*/0.9, /*beta2=*/0.999, /*weight_decay=*/0.0, /*eps=*/1e-8, clip, cautious,
+                    /*t=*/10.0, /*gmul=*/1.f);
   return t;
 }
 
