@@ -190,7 +190,12 @@ void scale_streams(const Arrays& a, int k) {
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 15;
   const bool quick = argc > 2 && std::string(argv[2]) == "quick";  // smoke test: small arrays
-  const CpuKernels& k = cpu_kernels_best();
+  // NEPTUNE_CPU_ISA=sse2|avx2|avx512|avx512bf16 probes that kernel set (this CPU must run it);
+  // unset: the best one.
+  const char* want = std::getenv("NEPTUNE_CPU_ISA");
+  const std::string w = want ? want : "";
+  const CpuKernels& k = w == "sse2" ? cpu_kernels_sse2() : w == "avx2" ? cpu_kernels_avx2() : w == "avx512" ? cpu_kernels_avx512()
+                        : w == "avx512bf16" ? cpu_kernels_avx512bf16() : cpu_kernels_best();
   std::printf("kernels: %s, one thread\n\n", k.isa);
 
   std::printf("1. in L2 (8 units), ns per element, best of the repetitions\n");

@@ -199,9 +199,9 @@ template <class V> NEPTUNE_HD V element_step(V w, V g, V& m, V& v, float step, c
 // moments: its low half rounds exp_avg, its high half exp_avg_sq.
 
 // The hash's key from the index's 32-bit halves (lo, hi) and the step. U: uint32_t or a
-// CPU vector of them; hi may be a scalar shared by every lane.
+// CPU vector of them; hi may be a scalar shared by every lane (then one vector XOR).
 template <class U, class H> NEPTUNE_HD U sr_key(U lo, H hi, uint32_t step) {
-  return lo ^ (hi * 0x85EBCA6Bu) ^ (step * 0x9E3779B9u);
+  return lo ^ ((hi * 0x85EBCA6Bu) ^ (step * 0x9E3779B9u));
 }
 // The key's mix (a 32-bit integer hash).
 template <class U> NEPTUNE_HD U sr_mix(U x) {
