@@ -115,26 +115,27 @@ def main() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected GPU") if build_cuda else ""
 
-    # -ffp-contract=off: the scalar, AVX2 and AVX-512 kernels give bitwise the same result.
+    # -ffp-contract=off: the SSE2, AVX2 and AVX-512 kernels give bitwise the same result.
     # -fopenmp: at::parallel_for is inline OpenMP; without it the CPU kernel runs serially.
     cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi", "-fopenmp"]
     cpu_sources = [
-        "neptune_ops.cpp",
+        "library.cpp",
+        "debug_ops.cpp",
+        "cpu/operator.cpp",
+        "cpu/set_sse2.cpp",
+        "cpu/set_avx2.cpp",
+        "cpu/set_avx512.cpp",
+        "cpu/set_avx512bf16.cpp",
         # The CUDA kernels on the CPU, under the SIMT emulator (a testing backend).
         "simt/scheduler.cpp",
-        "simt/step_emulated.cpp",
-        "simt/step_simt_op.cpp",
-        "neptune_step_cpu.cpp",
-        "neptune_step_cpu_scalar.cpp",
-        "neptune_step_cpu_avx2.cpp",
-        "neptune_step_cpu_avx512.cpp",
-        "neptune_step_cpu_avx512bf16.cpp",
-        "neptune_cuda_plan.cpp",
+        "simt/kernels.cpp",
+        "simt/operator.cpp",
     ]
     ext_modules = [
         CppExtension(
             "neptune_ext._C",
             [os.path.join(CSRC, s) for s in cpu_sources],
+            include_dirs=[os.path.join(ROOT, CSRC)],  # sources include each other by path from csrc/
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
@@ -143,7 +144,8 @@ def main() -> None:
         ext_modules.append(
             CUDAExtension(
                 "neptune_ext._C_cuda",
-                [os.path.join(CSRC, "neptune_step_cuda_register.cpp"), os.path.join(CSRC, "neptune_step_cuda.cu")],
+                [os.path.join(CSRC, "cuda", "operator.cpp"), os.path.join(CSRC, "cuda", "kernels.cu")],
+                include_dirs=[os.path.join(ROOT, CSRC)],
                 extra_compile_args={
                     "cxx": ["-O3", "-g0"],
                     # No FMA contraction, as -ffp-contract=off on the CPU: the count and

@@ -1,7 +1,7 @@
 // CPU probe: where the time of one Neptune step goes on this machine, without torch.
-// Links the real per-ISA kernels (csrc/neptune_step_cpu_<isa>.cpp) and times, on one thread:
+// Links the real per-ISA kernels (csrc/cpu/set_<isa>.cpp) and times, on one thread:
 //   1. each pass with its data in L2 (compute cost per element, best of the repetitions),
-//      and (1b) the same for 16-bit params and the memory-lean bf16 state;
+//      and (1b) the same for 16-bit params and the bf16 state;
 //   2. the same kernels streaming from DRAM, units of one length over 100 MB arrays:
 //      one pass (clip 0, no mask: AdamW) against Neptune's look-then-update per unit;
 //   3. the same two memory patterns with trivial arithmetic, to separate the cost of the
@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "neptune_step_cpu.h"
+#include "cpu/kernels.h"
 
 using namespace neptune;
 
@@ -86,17 +86,9 @@ CpuTensorArgs tensor_args(const Arrays& a, int64_t unit_len, float clip, int cau
   t.dtype = dtype;
   t.state_dtype = state_dtype;
   t.sr_step = 10;
-  StepConsts& c = t.c;
-  c.beta1 = 0.9f;
-  c.one_minus_beta1 = 0.1f;
-  c.beta2 = 0.999f;
-  c.one_minus_beta2 = 0.001f;
   // lr tiny: the weights barely move however long the probe runs
-  fold_bias_corrections(c, 1e-9, 1e-8, 1.0 - std::pow(0.9, 10.0), 1.0 - std::pow(0.999, 10.0));
-  c.decay = 1.f;
-  c.gmul = 1.f;
-  c.clip = clip;
-  c.cautious = cautious;
+  t.c = step_consts(/*lr=*/1e-9, /*beta1=*/0.9, /*beta2=*/0.999, /*weight_decay=*/0.0, /*eps=*/1e-8, clip, cautious,
+                    /*t=*/10.0, /*gmul=*/1.f);
   return t;
 }
 
@@ -198,7 +190,12 @@ void scale_streams(const Arrays& a, int k) {
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 15;
   const bool quick = argc > 2 && std::string(argv[2]) == "quick";  // smoke test: small arrays
-  const CpuKernels& k = cpu_kernels_best();
+  // NEPTUNE_CPU_ISA=sse2|avx2|avx512|avx512bf16 probes that kernel set (this CPU must run it);
+  // unset: the best one.
+  const char* want = std::getenv("NEPTUNE_CPU_ISA");
+  const std::string w = want ? want : "";
+  const CpuKernels& k = w == "sse2" ? cpu_kernels_sse2() : w == "avx2" ? cpu_kernels_avx2() : w == "avx512" ? cpu_kernels_avx512()
+                        : w == "avx512bf16" ? cpu_kernels_avx512bf16() : cpu_kernels_best();
   std::printf("kernels: %s, one thread\n\n", k.isa);
 
   std::printf("1. in L2 (8 units), ns per element, best of the repetitions\n");

@@ -8,8 +8,7 @@ cd "$(dirname "$0")/.."
 out=$(mktemp -d)
 flags="-O3 -g0 -ffp-contract=off -fno-math-errno -Wno-psabi -std=c++17 -Icsrc"
 g++ $flags -march=native -o "$out/cpu_probe" bench/cpu_probe.cpp \
-    csrc/neptune_step_cpu_scalar.cpp csrc/neptune_step_cpu_avx2.cpp csrc/neptune_step_cpu_avx512.cpp \
-    csrc/neptune_step_cpu_avx512bf16.cpp
+    csrc/cpu/set_sse2.cpp csrc/cpu/set_avx2.cpp csrc/cpu/set_avx512.cpp csrc/cpu/set_avx512bf16.cpp
 {
   echo "# cpu_probe: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($(nproc) logical CPUs)"
   echo "# git $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%Y-%m-%dT%H:%M:%SZ)"

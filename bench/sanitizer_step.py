@@ -2,7 +2,7 @@
 
 Covers every kernel path: warp units (aligned and misaligned rows), block units, chunked
 long units (all three roles), zero-size tensors, fp32/bf16/fp16, found_inf both ways and
-a tensor lr, with float32 and with bfloat16 (memory-lean) state; then views at element offsets into their buffers (co-aligned: scalar head and
+a tensor lr, with float32 and with bf16 state; then views at element offsets into their buffers (co-aligned: scalar head and
 16-byte vectors; not co-aligned: the all-scalar fallback) with the three dtypes in one list.
 Prints OK and exits 0 when the steps ran; the sanitizer reports its findings.
 """

@@ -1,9 +1,10 @@
 // Every float through the vector 16-bit stores of the avx512bf16 kernel set (the
 // hardware conversions, F16C and AVX512-BF16, with their NaN / denormal fallbacks)
-// against the scalar emulation that the scalar kernel set and the tails use; every half
+// against rule.h's software conversions, which the sse2 kernel set and the tails use; every half
 // through the F16C load. Default MXCSR, then DAZ|FTZ (torch.set_flush_denormal(True)).
 // Built and run by test_16bit_conversions.py; prints the mismatch counts, exits 1 on any.
-#include "neptune_step_cpu.h"
+#include <math.h>
+#include <stdint.h>
 #include <immintrin.h>
 #include <cstdio>
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi2,popcnt,prefer-vector-width=512")
@@ -11,7 +12,8 @@
 #define NEPTUNE_CPU_ISA_NAME "conversions_check"
 #define NEPTUNE_CPU_WIDTH 16
 #define NEPTUNE_CPU_AVX512BF16 1
-#include "neptune_step_cpu_kernel.h"
+#include "cpu/kernels.h"
+#include "cpu/kernel_body.h"
 
 namespace neptune {
 namespace {
@@ -23,7 +25,7 @@ uint64_t store_mismatches(uint64_t stride) {
     for (int j = 0; j < 16; ++j) x[j] = (uint32_t)(base + j);
     uint16_t out[16];
     VStore<D>::store(out, (vf)x);
-    for (int j = 0; j < 16; ++j) bad += out[j] != Elem<D>::store(bits_to_f(x[j]));
+    for (int j = 0; j < 16; ++j) bad += out[j] != Elem<D>::store(Lanes<float>::value(x[j]));
   }
   return bad;
 }
@@ -33,7 +35,7 @@ uint64_t f16_load_mismatches() {
     uint16_t h[16];
     for (int j = 0; j < 16; ++j) h[j] = (uint16_t)(base + j);
     const vf f = VLoad<kF16>::load(h);
-    for (int j = 0; j < 16; ++j) bad += f_to_bits(f[j]) != f_to_bits(Elem<kF16>::load(h[j]));
+    for (int j = 0; j < 16; ++j) bad += Lanes<float>::bits(f[j]) != Lanes<float>::bits(Elem<kF16>::load(h[j]));
   }
   return bad;
 }

@@ -1,5 +1,5 @@
-"""The CPU kernels' hardware 16-bit conversions (F16C; AVX512-BF16) against the scalar
-emulation, for every float (and every half, loading): tests/conversions_exhaustive.cpp,
+"""The CPU kernels' hardware 16-bit conversions (F16C; AVX512-BF16) against the software
+conversions of csrc/rule.h, for every float (and every half, loading): tests/conversions_exhaustive.cpp,
 built here against csrc. Needs g++ and an x86-64 CPU with AVX512-BF16 (else it skips);
 test_neptune_step_cpu.py checks the kernel sets against each other on any CPU."""
 import os

@@ -69,7 +69,7 @@ def test_kernels_compile_for_sm90_and_fp32_state_kernels_do_not_spill_more():
         pytest.skip("no CUDA toolkit (nvcc)")
     nvcc = os.path.join(home, "bin", "nvcc")
     cmd = [nvcc, "-cubin", "-arch=sm_90", "-O3", "--fmad=false", "-Xptxas", "-v", f"-I{os.path.join(ROOT, 'csrc')}",
-           os.path.join(ROOT, "csrc", "neptune_step_cuda.cu"), "-o", os.devnull]
+           os.path.join(ROOT, "csrc", "cuda", "kernels.cu"), "-o", os.devnull]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     report = _ptxas_report(r.stdout + r.stderr)

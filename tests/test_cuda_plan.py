@@ -1,4 +1,4 @@
-"""The CUDA operator's work plan (csrc/neptune_cuda_plan.h), checked on the CPU.
+"""The CUDA operator's work plan (csrc/cuda/plan.h), checked on the CPU.
 
 torch.ops.neptune_ext._cuda_plan walks the grid exactly as the CUDA kernels do and lists
 the work of every block / warp; these tests check that every element of every tensor is
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
     not hasattr(torch.ops.neptune_ext, "_cuda_plan"), reason="CPU extension without the _cuda_plan debug op"
 )
 
-# Mirrors csrc/neptune_cuda_plan.h.
+# Mirrors csrc/cuda/plan.h.
 WARP_MAX_LEN = 2048
 BLOCK_MAX_LEN = 16384
 WARPS_PER_BLOCK = 8

@@ -3,7 +3,7 @@ and mutated copies of the real kernel source, are each caught.
 
 Built here, torch-free, with the host compiler (-O0: seconds each): tests/simt/bad_kernels.cpp
 (one kernel per kind of bug) and tests/simt/step_driver.cpp, which runs a copy of
-csrc/neptune_step_cuda.cu on a fixed mixed case (warp, block and chunked units, fp32/bf16/
+csrc/cuda/kernels.cu on a fixed mixed case (warp, block and chunked units, fp32/bf16/
 fp16 params, fp32 and bf16 state, a param misaligned against its state) and prints a hash
 of every output. A mutant is caught when the emulator reports an error, when the four
 schedules disagree (a race), or when its outputs differ from the unmutated kernel's.
@@ -19,7 +19,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-KERNEL = os.path.join(CSRC, "neptune_step_cuda.cu")
+KERNEL = os.path.join(CSRC, "cuda", "kernels.cu")
 CXX = os.environ.get("CXX", "g++")
 SCHEDULES = (0, 1, 2, 3)
 
@@ -56,7 +56,7 @@ def _compile(out: str, *sources: str, defines: tuple[str, ...] = ()) -> subproce
 def build(tmp_path_factory):
     d = tmp_path_factory.mktemp("simt")
     sched = str(d / "scheduler.o")
-    r = subprocess.run([CXX, "-std=c++17", "-O0", "-c", os.path.join(CSRC, "simt", "scheduler.cpp"), "-o", sched],
+    r = subprocess.run([CXX, "-std=c++17", "-O0", f"-I{CSRC}", "-c", os.path.join(CSRC, "simt", "scheduler.cpp"), "-o", sched],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     src = open(KERNEL).read()

@@ -1,4 +1,4 @@
-// The CUDA dialect for the host compiler: what csrc/neptune_step_cuda.cu uses of CUDA, and
+// The CUDA dialect for the host compiler: what csrc/cuda/kernels.cu uses of CUDA, and
 // nothing more, so that the unchanged kernel source compiles with g++/clang (-x c++) and
 // runs on the CPU under the SIMT emulator (scheduler.cpp). A kernel that starts using
 // another CUDA feature (atomics, __ldg, cooperative groups, ...) fails to compile here
@@ -20,7 +20,8 @@
 #include <type_traits>
 #include <utility>
 
-#include "runtime_api.h"
+#include "rule.h"
+#include "simt/runtime_api.h"
 
 #pragma GCC diagnostic ignored "-Wunknown-pragmas"  // #pragma unroll is nvcc's
 
@@ -141,8 +142,9 @@ static inline float __uint_as_float(unsigned int u) { return simt::float_of(u); 
 static inline unsigned int __float_as_uint(float f) { return simt::bits_of(f); }
 static inline double __dmul_rn(double a, double b) { return a * b; }  // one rounding, never fused
 
-// bfloat16 and half, bit-exact with the device instructions (cvt.rn.*): round to nearest
-// even, overflow to infinity, NaN to the canonical 0x7FFF; half keeps subnormals.
+// bfloat16 and half, bit-exact with the device instructions (cvt.rn.*): rule.h's software
+// conversions (round to nearest even, overflow to infinity, half keeps subnormals), with
+// NaN to the canonical 0x7FFF as the device gives it.
 struct __nv_bfloat16 {
   unsigned short x;
 };
@@ -151,31 +153,13 @@ struct __half {
 };
 static inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
 static inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  const uint32_t u = simt::bits_of(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return __nv_bfloat16{0x7FFFu};
-  return __nv_bfloat16{(unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+  if (f != f) return __nv_bfloat16{0x7FFFu};
+  return __nv_bfloat16{(unsigned short)neptune::f32_to_bf16_rn_non_nan(f)};
 }
 static inline __half __ushort_as_half(unsigned short x) { return __half{x}; }
 static inline unsigned short __half_as_ushort(__half h) { return h.x; }
-static inline float __half2float(__half h) {
-  const uint32_t sign = (uint32_t)(h.x & 0x8000u) << 16, e = (h.x >> 10) & 0x1Fu, m = h.x & 0x3FFu;
-  if (e == 0) return simt::float_of(simt::bits_of((float)m * 0x1p-24f) | sign);  // zero, subnormal: exact
-  if (e == 31) return simt::float_of(sign | 0x7F800000u | (m << 13));            // inf, NaN
-  return simt::float_of(sign | ((e + 112u) << 23) | (m << 13));
-}
+static inline float __half2float(__half h) { return neptune::f16_bits_to_f32<float>(h.x); }
 static inline __half __float2half_rn(float f) {
-  uint32_t u = simt::bits_of(f);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  u &= 0x7FFFFFFFu;
-  if (u > 0x7F800000u) return __half{0x7FFFu};
-  if (u >= 0x477FF000u) return __half{(unsigned short)(sign | 0x7C00u)};  // rounds to >= 65520: inf
-  if (u < 0x38800000u) {  // below 2^-14: subnormal or zero; u's value is exact in the sum
-    // (|f| + 0.5) puts the half's 10 mantissa bits at the bottom of a float, rounded to
-    // nearest even by the addition itself (the fibers run with the default FP environment).
-    const float sum = simt::float_of(u) + 0.5f;
-    return __half{(unsigned short)(sign | (simt::bits_of(sum) - 0x3F000000u))};
-  }
-  const uint32_t odd = (u >> 13) & 1u;
-  u += 0xC8000FFFu + odd;  // rebias the exponent (-112 << 23) and round to nearest even
-  return __half{(unsigned short)(sign | (u >> 13))};
+  if (f != f) return __half{0x7FFFu};
+  return __half{(unsigned short)neptune::f32_to_f16_rn(f)};
 }

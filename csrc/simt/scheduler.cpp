@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "dialect.h"
+#include "simt/dialect.h"
 
 #if !defined(__x86_64__)
 #include <ucontext.h>

@@ -1,5 +1,5 @@
 // Standalone driver for the emulator's self-tests (tests/test_simt_emulator.py): runs a
-// (possibly mutated) copy of csrc/neptune_step_cuda.cu, given as NEPTUNE_KERNEL_SOURCE, on
+// (possibly mutated) copy of csrc/cuda/kernels.cu, given as NEPTUNE_KERNEL_SOURCE, on
 // a fixed mixed case under one schedule, and prints a hash of every output byte, or the
 // emulator's error. Torch-free, so that each mutant compiles in seconds.
 #define NEPTUNE_SIMT 1
@@ -104,10 +104,10 @@ uint64_t run_case(const std::vector<Spec>& specs, int clip_on, int cautious) {
   }
   const cuda_plan::Plan plan = cuda_plan::make_plan(numels.data(), unit_lens.data(), n);
   std::vector<unsigned char> host((size_t)table_bytes(n));
-  bool lean = false;
+  bool bf16_state = false;
   for (int64_t i = 0; i < n; ++i) {
     dev[(size_t)i].plan = plan.tensors[(size_t)i];
-    lean = lean || dev[(size_t)i].state_dtype == kBF16;
+    bf16_state = bf16_state || dev[(size_t)i].state_dtype == kBF16;
   }
   memcpy(host.data(), dev.data(), n * sizeof(DevTensor));
   memcpy(host.data() + n * sizeof(DevTensor), plan.slot_begins.data(), n * 8);
@@ -133,7 +133,7 @@ uint64_t run_case(const std::vector<Spec>& specs, int clip_on, int cautious) {
   a.norm_partials = norm_partials.data();
   a.count_partials = count_partials.data();
   a.cautious = cautious;
-  a.lean = lean;
+  a.bf16_state = bf16_state;
   if (neptune_cuda_step(a, plan.main_blocks, plan.long_blocks, nullptr) != cudaSuccess)
     throw std::runtime_error("step launch failed");
   uint64_t h = 1469598103934665603ull;

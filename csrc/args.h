@@ -1,4 +1,5 @@
-// Argument validation and per-tensor constants shared by the CPU and CUDA operators.
+// The operators' hyperparameters and the argument validation shared by the CPU and CUDA
+// operators (the emulated one included).
 // Everything is checked before anything is written, so a bad call changes nothing.
 #pragma once
 
@@ -10,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "neptune_math.h"
+#include "rule.h"
 
 namespace neptune {
 
@@ -70,7 +71,7 @@ inline void check_distinct_steps(at::TensorList steps) {
                     "] are the same counter; every param needs its own step tensor");
 }
 
-// allow_bf16_state: exp_avg / exp_avg_sq may be bfloat16 (the memory-lean variant).
+// allow_bf16_state: exp_avg / exp_avg_sq may be bfloat16 (bf16 state).
 inline void check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList steps,
                         c10::DeviceType device_type, bool allow_bf16_state = false) {
@@ -98,7 +99,7 @@ inline void check_lists(at::TensorList params, at::TensorList grads, at::TensorL
     const bool state_ok = m.scalar_type() == v.scalar_type() &&
                           (m.scalar_type() == at::kFloat || (allow_bf16_state && m.scalar_type() == at::kBFloat16));
     TORCH_CHECK(state_ok, "neptune_step_: exp_avgs[", i, "] and exp_avg_sqs[", i, "] must both be float32",
-                allow_bf16_state ? " or both bfloat16 (the memory-lean variant)" : "",
+                allow_bf16_state ? " or both bfloat16 (bf16 state)" : "",
                 " on this device; got ", m.scalar_type(), " and ", v.scalar_type());
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == 1, "neptune_step_: steps[", i, "] must be a float32 scalar tensor");
     TORCH_CHECK(g.sizes() == p.sizes() && m.sizes() == p.sizes() && v.sizes() == p.sizes(),
@@ -121,21 +122,6 @@ inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* 
               t->numel(), " elements");
   TORCH_CHECK(t->device().type() == device_type, "neptune_step_: ", name, " must be on the ",
               c10::DeviceTypeName(device_type), " device like the params, got ", t->device());
-}
-
-// Per-tensor constants for step number t (the incremented step), from host scalars.
-inline StepConsts step_consts(const Hyper& h, double t, float gmul) {
-  StepConsts c;
-  c.beta1 = (float)h.beta1;
-  c.one_minus_beta1 = (float)(1.0 - h.beta1);
-  c.beta2 = (float)h.beta2;
-  c.one_minus_beta2 = (float)(1.0 - h.beta2);
-  fold_bias_corrections(c, h.lr, h.eps, 1.0 - std::pow(h.beta1, t), 1.0 - std::pow(h.beta2, t));
-  c.decay = (float)(1.0 - h.lr * h.weight_decay);
-  c.gmul = gmul;
-  c.clip = (float)h.clip;
-  c.cautious = h.cautious ? 1 : 0;
-  return c;
 }
 
 }  // namespace neptune

@@ -1,11 +1,11 @@
 // CUDA implementation of neptune_ext::neptune_step_ (both overloads): the device table of
-// tensors and the launches (kernels: neptune_step_cuda.cu). Validation, the plan, the table
-// and the kernel arguments are built by neptune_cuda_args.h, shared with the SIMT-emulated
+// tensors and the launches (kernels: cuda/kernels.cu). Validation, the plan, the table
+// and the kernel arguments are built by cuda/launch_args.h, shared with the SIMT-emulated
 // backend, which runs the same kernels on the CPU.
 //
 // Metadata reaches the kernels without a host-to-device memcpy: the table of tensors
 // (pointers, sizes, plan) is written to device memory by kernels that carry it in their
-// arguments, and cached by content (neptune_table_cache.h). A training loop steps the same
+// arguments, and cached by content (cuda/table_cache.h). A training loop steps the same
 // tensors every time, so from the second step on a step is just its launches: main + step
 // counters (+1 or 2 for units longer than 16384 elements). Nothing here reads a CUDA tensor
 // on the host: found_inf, grad_scale, lr and the step counters are read by the kernels.
@@ -17,8 +17,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "neptune_cuda_args.h"
-#include "neptune_table_cache.h"
+#include "cuda/launch_args.h"
+#include "cuda/table_cache.h"
 
 extern "C" {
 // A Python module whose import loads this library and runs the registrations below.

@@ -1,5 +1,5 @@
 // CPU implementation of neptune_ext::neptune_step_: validation, step counters, the work
-// plan and the threading. The per-ISA kernels (neptune_step_cpu_kernel.h) walk memory.
+// plan and the threading. The per-ISA kernels (cpu/kernel_body.h) walk memory.
 //
 // Plan: units no longer than kCpuChunk are stepped whole by one thread while in cache
 // (one pass over DRAM); consecutive units are packed into tasks of similar size and the
@@ -14,18 +14,17 @@
 #include <cstring>
 #include <vector>
 
-#include "neptune_checks.h"
-#include "neptune_step_cpu.h"
+#include "args.h"
+#include "cpu/kernels.h"
 
 namespace neptune {
-namespace {
 
-// The best kernel set this CPU runs; NEPTUNE_CPU_ISA=scalar|avx2|avx512|avx512bf16 picks one (for
+// The best kernel set this CPU runs; NEPTUNE_CPU_ISA=sse2|avx2|avx512|avx512bf16 picks one (for
 // tests and benchmarks). Read at every call so a process can compare them.
-const CpuKernels& cpu_kernels() {
+const CpuKernels& selected_cpu_kernels() {
   const char* want = std::getenv("NEPTUNE_CPU_ISA");
   if (want != nullptr && *want != '\0') {
-    if (std::strcmp(want, "scalar") == 0) return cpu_kernels_scalar();
+    if (std::strcmp(want, "sse2") == 0) return cpu_kernels_sse2();
     if (std::strcmp(want, "avx2") == 0) {
       TORCH_CHECK(cpu_has_avx2(), "NEPTUNE_CPU_ISA=avx2 but this CPU lacks AVX2/FMA/F16C/BMI2/POPCNT");
       return cpu_kernels_avx2();
@@ -38,11 +37,13 @@ const CpuKernels& cpu_kernels() {
       TORCH_CHECK(cpu_has_avx512bf16(), "NEPTUNE_CPU_ISA=avx512bf16 but this CPU lacks AVX-512 F/BW/VL/DQ/BF16");
       return cpu_kernels_avx512bf16();
     }
-    TORCH_CHECK_VALUE(false, "NEPTUNE_CPU_ISA must be scalar, avx2, avx512 or avx512bf16 (or unset), got '", want,
+    TORCH_CHECK_VALUE(false, "NEPTUNE_CPU_ISA must be sse2, avx2, avx512 or avx512bf16 (or unset), got '", want,
                       "'");
   }
   return cpu_kernels_best();
 }
+
+namespace {
 
 struct Task {
   int32_t tensor;
@@ -132,12 +133,12 @@ void neptune_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tens
   check_lists(params, grads, exp_avgs, exp_avg_sqs, steps, c10::DeviceType::CPU, /*allow_bf16_state=*/true);
   check_scalar_tensor(grad_scale, "grad_scale", c10::DeviceType::CPU);
   check_scalar_tensor(found_inf, "found_inf", c10::DeviceType::CPU);
-  const CpuKernels& k = cpu_kernels();  // may throw for a bad NEPTUNE_CPU_ISA: before any write
+  const CpuKernels& k = selected_cpu_kernels();  // may throw for a bad NEPTUNE_CPU_ISA: before any write
 
   // A step with found_inf set changes nothing, `step` included.
   if (found_inf.has_value() && found_inf->item<float>() != 0.f) return;
-  float gmul = h.maximize ? -1.f : 1.f;
-  if (grad_scale.has_value()) gmul /= grad_scale->item<float>();
+  const float gmul =
+      grad_multiplier(h.maximize, grad_scale.has_value(), grad_scale.has_value() ? grad_scale->item<float>() : 1.f);
 
   const int64_t n = (int64_t)params.size();
   std::vector<CpuTensorArgs> args(n);
@@ -156,7 +157,7 @@ void neptune_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tens
     a.numel = p.numel();
     a.unit_len = unit_len_of(p);
     a.dtype = param_dtype_code(p.scalar_type());
-    a.c = step_consts(h, (double)*step, gmul);
+    a.c = step_consts(h.lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.clip, h.cautious ? 1 : 0, (double)*step, gmul);
     total += a.numel;
   }
   if (total == 0) return;
@@ -218,29 +219,11 @@ void neptune_step_cpu_tensor_lr(at::TensorList params, at::TensorList grads, at:
                    clip, cautious, maximize, grad_scale, found_inf);
 }
 
-std::string cpu_isa() { return cpu_kernels().isa; }
-
-// The kernel sets this CPU can run, oldest first: tests and benchmarks ask this instead of
-// guessing from the OS's CPU flags (the same checks as NEPTUNE_CPU_ISA's).
-std::vector<std::string> cpu_kernel_sets() {
-  std::vector<std::string> sets = {cpu_kernels_scalar().isa};
-  if (cpu_has_avx2()) sets.push_back(cpu_kernels_avx2().isa);
-  if (cpu_has_avx512()) sets.push_back(cpu_kernels_avx512().isa);
-  if (cpu_has_avx512bf16()) sets.push_back(cpu_kernels_avx512bf16().isa);
-  return sets;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(neptune_ext, CPU, m) {
   m.impl("neptune_step_", &neptune_step_cpu);
   m.impl("neptune_step_.tensor_lr", &neptune_step_cpu_tensor_lr);
-}
-
-// Which CPU kernel set (scalar, avx2, avx512, avx512bf16) a step would run now.
-TORCH_LIBRARY_FRAGMENT(neptune_ext, m) {
-  m.def("cpu_isa() -> str", &cpu_isa);
-  m.def("cpu_kernel_sets() -> str[]", &cpu_kernel_sets);
 }
 
 }  // namespace neptune

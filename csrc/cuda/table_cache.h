@@ -1,4 +1,4 @@
-// The device tables of the CUDA operator (neptune_cuda_args.h), cached by content: a
+// The device tables of the CUDA operator (cuda/launch_args.h), cached by content: a
 // training loop steps the same tensors every time, so from the second step on a step is
 // just its launches. Shared by the real backend and the emulated one (CPU tables).
 //

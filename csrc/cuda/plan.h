@@ -1,6 +1,6 @@
 // The CUDA operator's work plan: which block / warp of which launch steps which unit or
 // chunk of which tensor. Torch-free and host-callable, so the exact index arithmetic the
-// kernels run is tested on the CPU (neptune_cuda_plan.cpp, tests/test_cuda_plan.py).
+// kernels run is tested on the CPU (debug_ops.cpp, tests/test_cuda_plan.py).
 //
 // Work is counted in warp "slots"; a block of the main launch owns kWarpsPerBlock slots.
 //  - warp units (unit_len <= kWarpMaxLen): one slot (warp) per unit, so one block packs

@@ -1,11 +1,11 @@
-// Operator schemas of neptune_ext (implementations: neptune_step_cpu.cpp, neptune_step_cuda_register.cpp).
+// Operator schemas of neptune_ext (implementations: cpu/operator.cpp, cuda/operator.cpp).
 // Shaped like aten::_fused_adamw_: tensor lists, keyword hyperparameters, an overload
 // taking lr as a tensor, and GradScaler's grad_scale / found_inf. The op increments
 // `steps` itself, so a found_inf step can leave it unchanged without a host sync.
 #include <Python.h>
 #include <torch/library.h>
 
-#include "neptune_schema.h"
+#include "schema.h"
 
 extern "C" {
 // A Python module whose import loads this library and runs the registrations below.

@@ -1,8 +1,8 @@
 // CUDA kernels of neptune_ext::neptune_step_. Torch-free on purpose (cuda_runtime and the
 // bf16/fp16 headers only), so each architecture compiles in seconds; the operator's
-// validation and registration live in neptune_step_cuda_register.cpp.
+// validation and registration live in cuda/operator.cpp.
 //
-// Design (the plan is neptune_cuda_plan.h, tested on the CPU):
+// Design (the plan is cuda/plan.h, tested on the CPU):
 //  - One unit = one LayerNorm-like row. A warp (unit_len <= 2048) or a block (<= 16384)
 //    walks the unit three times: W,G -> squared norms -> clip factor; G,M -> agreement /
 //    active counts -> rho; W,G,M,V -> new W,M,V. Only the first touch of each array comes
@@ -31,8 +31,8 @@
 #include <limits.h>
 #include <string.h>
 
-#include "neptune_cuda_launch.h"
-#include "neptune_math.h"
+#include "cuda/layout.h"
+#include "rule.h"
 
 namespace neptune {
 namespace {
@@ -47,7 +47,7 @@ template <> struct Elem<kF32> {
 };
 template <> struct Elem<kBF16> {
   using T = uint16_t;
-  static __device__ __forceinline__ float load(T x) { return __uint_as_float((uint32_t)x << 16); }
+  static __device__ __forceinline__ float load(T x) { return bf16_bits_to_f32<float>(x); }
   static __device__ __forceinline__ T store(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
 };
 template <> struct Elem<kF16> {
@@ -239,26 +239,14 @@ __device__ __forceinline__ void group_sum2(V& a, V& b) {
   }
 }
 
-// Per-tensor constants on the device, as step_consts() computes them on the host.
+// rule.h's step_consts from the kernel arguments (lr, grad_scale and the counter on the device).
 // Called before the tensor's DevTensor is loaded: its two pow() calls are real calls, and a
 // DevTensor live across them would not fit the registers beside them (spills).
 __device__ __forceinline__ StepConsts tensor_consts(const StepArgs& a, const float* step) {
   const float tf = *step + 1.f;  // t = step + 1, as next_step; the CPU op increments the float counter, then widens
-  const double td = (double)tf;
   const double lr = a.lr_f32 != nullptr ? (double)*a.lr_f32 : (a.lr_f64 != nullptr ? *a.lr_f64 : a.lr);
-  StepConsts c;
-  c.beta1 = (float)a.beta1;
-  c.one_minus_beta1 = (float)(1.0 - a.beta1);
-  c.beta2 = (float)a.beta2;
-  c.one_minus_beta2 = (float)(1.0 - a.beta2);
-  fold_bias_corrections(c, lr, a.eps, 1.0 - pow(a.beta1, td), 1.0 - pow(a.beta2, td));
-  c.decay = (float)(1.0 - __dmul_rn(lr, a.weight_decay));  // no FMA: same rounding as the host
-  float gmul = a.maximize ? -1.f : 1.f;
-  if (a.grad_scale != nullptr) gmul /= *a.grad_scale;
-  c.gmul = gmul;
-  c.clip = (float)a.clip;
-  c.cautious = a.cautious;
-  return c;
+  const float gmul = grad_multiplier(a.maximize, a.grad_scale != nullptr, a.grad_scale != nullptr ? *a.grad_scale : 1.f);
+  return step_consts(lr, a.beta1, a.beta2, a.weight_decay, a.eps, a.clip, a.cautious, (double)tf, gmul);
 }
 
 
@@ -295,9 +283,8 @@ __device__ __forceinline__ void group_counts(const DevTensor& t, const StepConst
   traverse<D, S, kLdG | kLdM>(t, b, n, 0, tid, NTHR, [&](auto&, auto& gf, auto& mf, auto&) {
 #pragma unroll
     for (int j = 0; j < NEPTUNE_LEN(gf); ++j) {
-      const float g = grad_in(gf[j], c) * s;
-      float m = mf[j], v = 0.f;
-      update_moments(g, m, v, c);
+      const float g = unit_grad(gf[j], s, c);
+      const float m = exp_avg_next(mf[j], g, c);
       ca += (uint32_t)agrees(m, g);
       cb += (uint32_t)active(g);
     }
@@ -318,7 +305,7 @@ __device__ __forceinline__ void group_update(const DevTensor& t, const StepConst
   traverse<D, S, kLdW | kLdG | kLdM | kLdV | kStW | kStMV>(t, b, n, uoff, tid, NTHR,
                                                             [&](auto& wf, auto& gf, auto& mf, auto& vf) {
 #pragma unroll
-    for (int j = 0; j < NEPTUNE_LEN(wf); ++j) wf[j] = element_step(wf[j], gf[j], mf[j], vf[j], s, step, c);
+    for (int j = 0; j < NEPTUNE_LEN(wf); ++j) wf[j] = element_step(wf[j], unit_grad(gf[j], s, c), mf[j], vf[j], step, c);
   });
 }
 
@@ -396,14 +383,14 @@ __device__ __forceinline__ void chunk_step(const StepArgs& a, const DevTensor& t
     case kF16: { constexpr int D = kF16; __VA_ARGS__; } break;   \
     default: { constexpr int D = kF32; __VA_ARGS__; } break;     \
   }
-// In kernels with LEAN false (no tensor has bf16 state) the bf16-state paths are not
+// In kernels with BF16_STATE false (no tensor has bf16 state) the bf16-state paths are not
 // instantiated at all, so they cannot raise the kernel's register use.
 #define NEPTUNE_DISPATCH(t, ...)                           \
   do {                                                     \
-    bool lean_state_ = false;                              \
-    if constexpr (LEAN) lean_state_ = (t).state_dtype == kBF16; \
-    if (lean_state_) {                                     \
-      if constexpr (LEAN) {                                \
+    bool bf16_state_ = false;                              \
+    if constexpr (BF16_STATE) bf16_state_ = (t).state_dtype == kBF16; \
+    if (bf16_state_) {                                     \
+      if constexpr (BF16_STATE) {                          \
         constexpr int S = kBF16;                           \
         NEPTUNE_DISPATCH_D(t, __VA_ARGS__)                 \
       }                                                    \
@@ -417,7 +404,7 @@ __device__ __forceinline__ bool skip_step(const StepArgs& a) { return a.found_in
 
 // The main launch: warp units (several per block, of any tensors), block units, and the
 // first role of every chunk.
-template <bool LEAN>
+template <bool BF16_STATE>
 __global__ void __launch_bounds__(kThreads, 3) neptune_main_kernel(const StepArgs a, int32_t chunk_role) {
   if (skip_step(a)) return;
   const int64_t s0 = (int64_t)blockIdx.x * kWarpsPerBlock;
@@ -447,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, 3) neptune_main_kernel(const StepArg
 }
 
 // A later role of every chunk: one block per chunk, over long space.
-template <bool LEAN>
+template <bool BF16_STATE>
 __global__ void __launch_bounds__(kThreads, 4) neptune_long_kernel(const StepArgs a, int32_t role) {
   if (skip_step(a)) return;
   const int64_t lb = blockIdx.x;
@@ -509,13 +496,13 @@ cudaError_t neptune_cuda_step(const StepArgs& args, int64_t main_blocks, int64_t
     const unsigned grid = (unsigned)seq[k].blocks;
     switch (seq[k].kind) {
       case kLaunchMain:
-        if (args.lean)
+        if (args.bf16_state)
           NEPTUNE_LAUNCH(neptune_main_kernel<true>, grid, kThreads, stream, args, seq[k].role);
         else
           NEPTUNE_LAUNCH(neptune_main_kernel<false>, grid, kThreads, stream, args, seq[k].role);
         break;
       case kLaunchLong:
-        if (args.lean)
+        if (args.bf16_state)
           NEPTUNE_LAUNCH(neptune_long_kernel<true>, grid, kThreads, stream, args, seq[k].role);
         else
           NEPTUNE_LAUNCH(neptune_long_kernel<false>, grid, kThreads, stream, args, seq[k].role);

@@ -1,5 +1,5 @@
-// Interface between the CUDA operator's registration (neptune_step_cuda_register.cpp, torch
-// side) and its kernels (neptune_step_cuda.cu, torch-free so that it compiles in seconds):
+// Interface between the CUDA operator's registration (cuda/operator.cpp, torch
+// side) and its kernels (cuda/kernels.cu, torch-free so that it compiles in seconds):
 // raw pointers, plain structs and a cudaStream_t.
 #pragma once
 
@@ -10,7 +10,7 @@
 #endif
 #include <stdint.h>
 
-#include "neptune_cuda_plan.h"
+#include "cuda/plan.h"
 
 namespace neptune {
 
@@ -24,7 +24,7 @@ struct DevTensor {
   float* step;       // 0-dim float32 step counter, incremented by the last launch
   cuda_plan::TensorPlan plan;
   int32_t dtype;        // ParamDtype of param and grad
-  int32_t state_dtype;  // kF32, or kBF16 (the memory-lean variant: stochastic rounding)
+  int32_t state_dtype;  // kF32, or kBF16 (bf16 state: stochastic rounding)
 };
 
 // Built by the host compiler (register.cpp), read by the device compiler (kernels): keep the
@@ -54,7 +54,7 @@ struct StepArgs {
   int32_t cautious, maximize;
   // Some tensor has bf16 state: launch the kernels built for it. The fp32-state-only
   // kernels are separate instances, so the bf16 paths cost them no registers.
-  int32_t lean;
+  int32_t bf16_state;
 };
 
 // Copy `bytes` host bytes to device memory `dst` through kernel arguments, in stream order

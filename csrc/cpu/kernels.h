@@ -1,11 +1,11 @@
-// Interface between the CPU operator (torch side, neptune_step_cpu.cpp) and the
-// per-instruction-set kernels (neptune_step_cpu_kernel.h compiled once per ISA).
+// Interface between the CPU operator (torch side, cpu/operator.cpp) and the
+// per-instruction-set kernels (cpu/kernel_body.h compiled once per ISA).
 // Plain structs only: the ISA files include no torch headers.
 #pragma once
 
 #include <stdint.h>
 
-#include "neptune_math.h"
+#include "rule.h"
 
 namespace neptune {
 
@@ -18,7 +18,7 @@ struct CpuTensorArgs {
   int64_t numel;
   int64_t unit_len;
   int dtype;        // ParamDtype
-  int state_dtype;  // kF32, or kBF16 for the memory-lean variant
+  int state_dtype;  // kF32, or kBF16 (bf16 state)
   uint32_t sr_step; // the step number, seeding the state's stochastic rounding
   StepConsts c;
 };
@@ -42,35 +42,39 @@ struct CpuKernels {
   void (*update)(const CpuTensorArgs& t, int64_t b, int64_t e, float s, float rho);
 };
 
-// Defined in neptune_step_cpu_{scalar,avx2,avx512,avx512bf16}.cpp.
-const CpuKernels& cpu_kernels_scalar();
+// Defined in cpu/set_{sse2,avx2,avx512,avx512bf16}.cpp.
+const CpuKernels& cpu_kernels_sse2();
 const CpuKernels& cpu_kernels_avx2();
 const CpuKernels& cpu_kernels_avx512();
 const CpuKernels& cpu_kernels_avx512bf16();
 
-// What each kernel set needs of the CPU (its file's `#pragma GCC target`).
+// What each kernel set needs of the CPU (its file's `#pragma GCC target`). Internal linkage, as
+// everything the set files include after their pragma.
 #if defined(__x86_64__)
-inline bool cpu_has_avx512() {
+static inline bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
-inline bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
-inline bool cpu_has_avx2() {
+static inline bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+static inline bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
 }
 #else
-inline bool cpu_has_avx512() { return false; }
-inline bool cpu_has_avx512bf16() { return false; }
-inline bool cpu_has_avx2() { return false; }
+static inline bool cpu_has_avx512() { return false; }
+static inline bool cpu_has_avx512bf16() { return false; }
+static inline bool cpu_has_avx2() { return false; }
 #endif
 
+// The kernel set a step runs now: NEPTUNE_CPU_ISA's, else the best (cpu/operator.cpp).
+const CpuKernels& selected_cpu_kernels();
+
 // The best kernel set this CPU runs.
-inline const CpuKernels& cpu_kernels_best() {
+static inline const CpuKernels& cpu_kernels_best() {
   if (cpu_has_avx512bf16()) return cpu_kernels_avx512bf16();
   if (cpu_has_avx512()) return cpu_kernels_avx512();
   if (cpu_has_avx2()) return cpu_kernels_avx2();
-  return cpu_kernels_scalar();
+  return cpu_kernels_sse2();
 }
 
 }  // namespace neptune

@@ -1,18 +1,42 @@
-// Debug ops exposing the CUDA operator's work plan (neptune_cuda_plan.h) on the CPU, so
-// tests check coverage and int64 arithmetic without a GPU. They walk the grid exactly as
-// the kernels do: find_owner over the slot / long-space prefixes, then slot_work / long_work.
+// Every debug / test-only op of the CPU library, so that the operator files hold only the
+// operators: which CPU kernel sets this machine runs, the CUDA operator's work plan walked
+// on the CPU, the table cache's lifetimes, and the SIMT emulator's hooks. (The CUDA
+// library's own upload counter, _cuda_table_uploads, lives with its cache in cuda/operator.cpp.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <string>
 #include <vector>
 
-#include "neptune_cuda_plan.h"
+#include "cpu/kernels.h"
+#include "cuda/plan.h"
+#include "cuda/table_cache.h"
+#include "simt/runtime_api.h"
 
 namespace neptune {
+
+int64_t simt_table_uploads();  // simt/operator.cpp
+
 namespace {
 
+// The kernel set a step would run now (sse2, avx2, avx512, avx512bf16).
+std::string cpu_isa() { return selected_cpu_kernels().isa; }
+
+// The kernel sets this CPU can run, oldest first: tests and benchmarks ask this instead of
+// guessing from the OS's CPU flags (the same checks as NEPTUNE_CPU_ISA's).
+std::vector<std::string> cpu_kernel_sets() {
+  std::vector<std::string> sets = {cpu_kernels_sse2().isa};
+  if (cpu_has_avx2()) sets.push_back(cpu_kernels_avx2().isa);
+  if (cpu_has_avx512()) sets.push_back(cpu_kernels_avx512().isa);
+  if (cpu_has_avx512bf16()) sets.push_back(cpu_kernels_avx512bf16().isa);
+  return sets;
+}
+
+// The CUDA operator's work plan (cuda/plan.h) on the CPU, so tests check coverage and int64
+// arithmetic without a GPU. Walked exactly as the kernels do: find_owner over the slot /
+// long-space prefixes, then slot_work / long_work.
 using namespace cuda_plan;
 
 cuda_plan::Plan plan_of(c10::IntArrayRef numels, c10::IntArrayRef unit_lens) {
@@ -92,11 +116,45 @@ std::vector<int64_t> cuda_plan_info(c10::IntArrayRef numels, c10::IntArrayRef un
   return out;
 }
 
+// The table cache's lifetimes, on CPU tables: [a table held by its caller survives the
+// eviction of its entry (1/0), entries after 100 tables made during captures, uploads].
+std::vector<int64_t> table_cache_check() {
+  TableCache cache(4);
+  auto host_of = [](int v) { return std::vector<unsigned char>(64, (unsigned char)v); };
+  auto get = [&](const std::vector<unsigned char>& host, bool capturing) {
+    return cache.get(host, -1, nullptr, capturing, [&]() {
+      at::Tensor t = at::empty({64}, at::TensorOptions().dtype(at::kByte));
+      std::memcpy(t.data_ptr(), host.data(), 64);
+      return t;
+    });
+  };
+  const std::vector<unsigned char> first = host_of(1);
+  const at::Tensor held = get(first, false);
+  for (int v = 2; v < 12; ++v) get(host_of(v), false);  // evicts `first` (least recently used)
+  const int64_t intact = std::memcmp(held.data_ptr(), first.data(), 64) == 0 ? 1 : 0;
+  for (int v = 0; v < 100; ++v) get(host_of(100 + v), true);
+  return {intact, (int64_t)cache.size(), cache.uploads()};
+}
+
+// SIMT emulator hooks: a CUDA error left pending by an "earlier call", and its counters.
+void simt_set_pending_error(int64_t code) { simt::set_last_error((cudaError_t)code); }
+
+std::vector<int64_t> simt_stats() {
+  const simt::Stats st = simt::stats();
+  return {st.launches, st.blocks, st.threads, st.switches};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(neptune_ext, m) {
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_kernel_sets() -> str[]", &cpu_kernel_sets);
   m.def("_cuda_plan(int[] numels, int[] unit_lens) -> Tensor", &cuda_plan_items);
   m.def("_cuda_plan_info(int[] numels, int[] unit_lens, bool clip, bool cautious) -> int[]", &cuda_plan_info);
+  m.def("_table_cache_check() -> int[]", &table_cache_check);
+  m.def("_simt_set_pending_error(int code) -> ()", &simt_set_pending_error);
+  m.def("_simt_stats() -> int[]", &simt_stats);
+  m.def("_simt_table_uploads() -> int", &simt_table_uploads);
 }
 
 }  // namespace neptune

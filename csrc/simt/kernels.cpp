@@ -1,4 +1,4 @@
-// The CUDA kernels and launches of csrc/neptune_step_cuda.cu, unchanged, compiled by the
+// The CUDA kernels and launches of csrc/cuda/kernels.cu, unchanged, compiled by the
 // host compiler against the SIMT emulator's CUDA dialect (dialect.h): the CUDA operator's
 // whole device side runs on the CPU, for tests (torch.ops.neptune_ext._neptune_step_simt_).
 // Built with -ffp-contract=off, as nvcc with --fmad=false.
@@ -9,10 +9,10 @@
 #include <cstring>
 #include <vector>
 
-#include "dialect.h"
+#include "simt/dialect.h"
 
 // Internal to the library that includes it: never confused with the real CUDA build's
 // neptune_cuda_step / neptune_cuda_upload when both are loaded.
 #pragma GCC visibility push(hidden)
-#include "../neptune_step_cuda.cu"
+#include "cuda/kernels.cu"
 #pragma GCC visibility pop

@@ -1,5 +1,5 @@
-// Schema pieces of the neptune_step_ operator family (neptune_ops.cpp defines the operator;
-// simt/step_simt_op.cpp a testing twin with the same arguments).
+// Schema pieces of the neptune_step_ operator family (library.cpp defines the operator;
+// simt/operator.cpp a testing twin with the same arguments).
 #pragma once
 
 #define NEPTUNE_STEP_ARGS                                                                          \

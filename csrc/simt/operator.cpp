@@ -1,8 +1,8 @@
 // neptune_ext::_neptune_step_simt_: the CUDA operator's whole path on CPU tensors, for
 // tests. The same validation, plan, argument table and table cache as the CUDA backend
-// (neptune_cuda_args.h, neptune_table_cache.h), then the unchanged kernels of
-// neptune_step_cuda.cu run by the SIMT emulator (step_emulated.cpp), in the order of
-// blocks and threads that `schedule` picks. Also the emulator's test hooks.
+// (cuda/launch_args.h, cuda/table_cache.h), then the unchanged kernels of
+// cuda/kernels.cu run by the SIMT emulator (simt/kernels.cpp), in the order of
+// blocks and threads that `schedule` picks. Its test hooks are in debug_ops.cpp.
 #define NEPTUNE_SIMT 1
 
 #include <ATen/core/Tensor.h>
@@ -12,9 +12,9 @@
 #include <cstring>
 #include <vector>
 
-#include "../neptune_cuda_args.h"
-#include "../neptune_schema.h"
-#include "../neptune_table_cache.h"
+#include "cuda/launch_args.h"
+#include "schema.h"
+#include "cuda/table_cache.h"
 
 namespace neptune {
 namespace {
@@ -72,46 +72,15 @@ void step_simt_tensor_lr(at::TensorList params, at::TensorList grads, at::Tensor
                  found_inf, schedule);
 }
 
-// Test hooks.
-void set_pending_error(int64_t code) { simt::set_last_error((cudaError_t)code); }
-
-int64_t simt_table_uploads() { return g_simt_tables.uploads(); }
-
-std::vector<int64_t> simt_stats() {
-  const simt::Stats st = simt::stats();
-  return {st.launches, st.blocks, st.threads, st.switches};
-}
-
-// The table cache's lifetimes, on CPU tables: [a table held by its caller survives the
-// eviction of its entry (1/0), entries after 100 tables made during captures, uploads].
-std::vector<int64_t> table_cache_check() {
-  TableCache cache(4);
-  auto host_of = [](int v) { return std::vector<unsigned char>(64, (unsigned char)v); };
-  auto get = [&](const std::vector<unsigned char>& host, bool capturing) {
-    return cache.get(host, -1, nullptr, capturing, [&]() {
-      at::Tensor t = at::empty({64}, at::TensorOptions().dtype(at::kByte));
-      std::memcpy(t.data_ptr(), host.data(), 64);
-      return t;
-    });
-  };
-  const std::vector<unsigned char> first = host_of(1);
-  const at::Tensor held = get(first, false);
-  for (int v = 2; v < 12; ++v) get(host_of(v), false);  // evicts `first` (least recently used)
-  const int64_t intact = std::memcmp(held.data_ptr(), first.data(), 64) == 0 ? 1 : 0;
-  for (int v = 0; v < 100; ++v) get(host_of(100 + v), true);
-  return {intact, (int64_t)cache.size(), cache.uploads()};
-}
-
 }  // namespace
+
+// Tables uploaded so far by the emulated backend (debug_ops.cpp reports it).
+int64_t simt_table_uploads() { return g_simt_tables.uploads(); }
 
 TORCH_LIBRARY_FRAGMENT(neptune_ext, m) {
   m.def("_neptune_step_simt_(" NEPTUNE_STEP_ARGS "float lr, " NEPTUNE_STEP_KWARGS ", int schedule=0) -> ()");
   m.def("_neptune_step_simt_.tensor_lr(" NEPTUNE_STEP_ARGS "Tensor lr, " NEPTUNE_STEP_KWARGS
         ", int schedule=0) -> ()");
-  m.def("_simt_set_pending_error(int code) -> ()", &set_pending_error);
-  m.def("_simt_stats() -> int[]", &simt_stats);
-  m.def("_simt_table_uploads() -> int", &simt_table_uploads);
-  m.def("_table_cache_check() -> int[]", &table_cache_check);
 }
 
 TORCH_LIBRARY_IMPL(neptune_ext, CPU, m) {

@@ -1,5 +1,5 @@
 // Host side of the CUDA operator, shared by its two backends: the real one
-// (neptune_step_cuda_register.cpp) and the SIMT emulator's (simt/step_simt_op.cpp).
+// (cuda/operator.cpp) and the SIMT emulator's (simt/operator.cpp).
 // Validation, the plan, the table of tensors and the kernel arguments are built here once,
 // so the emulated backend runs exactly what the real one would launch. Torch, and the CUDA
 // runtime API of whichever backend includes it (no device code).
@@ -13,8 +13,8 @@
 #include <optional>
 #include <vector>
 
-#include "neptune_checks.h"
-#include "neptune_cuda_launch.h"
+#include "args.h"
+#include "cuda/layout.h"
 
 // Who reports an error: the real CUDA backend, or its SIMT-emulated twin.
 #if defined(NEPTUNE_SIMT)
@@ -119,7 +119,7 @@ inline StepLaunch build_step_launch(at::TensorList params, at::TensorList grads,
 
   s.table.assign((size_t)table_bytes(n), 0);
   DevTensor* dt = reinterpret_cast<DevTensor*>(s.table.data());
-  bool lean = false;
+  bool bf16_state = false;
   for (int64_t i = 0; i < n; ++i) {
     DevTensor t;
     std::memset(&t, 0, sizeof(t));  // every byte set: the table cache compares bytes
@@ -132,7 +132,7 @@ inline StepLaunch build_step_launch(at::TensorList params, at::TensorList grads,
     t.plan = s.plan.tensors[i];
     t.dtype = param_dtype_code(params[i].scalar_type());
     t.state_dtype = exp_avgs[i].scalar_type() == at::kBFloat16 ? kBF16 : kF32;  // exp_avg_sqs[i]'s too (checked)
-    lean = lean || t.state_dtype == kBF16;
+    bf16_state = bf16_state || t.state_dtype == kBF16;
     std::memcpy(&dt[i], &t, sizeof(t));
   }
   std::memcpy(s.table.data() + n * sizeof(DevTensor), s.plan.slot_begins.data(), n * sizeof(int64_t));
@@ -158,7 +158,7 @@ inline StepLaunch build_step_launch(at::TensorList params, at::TensorList grads,
   a.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   a.cautious = h.cautious ? 1 : 0;
   a.maximize = h.maximize ? 1 : 0;
-  a.lean = lean ? 1 : 0;
+  a.bf16_state = bf16_state ? 1 : 0;
   return s;
 }
 
