@@ -11,8 +11,9 @@ import neptune_ext
 from neptune_ext import Neptune, neptune_step_reference
 from neptune_ext import ops as neptune_ops
 from neptune_ext import optimizer as neptune_optimizer
+from neptune_ext import testing
 
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, clip=0.1, cautious=True, maximize=False)
+HYPER = {**testing.HYPER, "weight_decay": 1e-2}  # Neptune's defaults: what a bare Neptune(params, lr) steps
 
 
 def _params(dtype=torch.float32, seed=0):

@@ -11,10 +11,11 @@ from torch import nn
 
 from neptune_ext import Neptune, neptune_step_reference
 from neptune_ext import ops as neptune_ops
-from neptune_backends import BACKEND_IDS, BACKENDS
-from neptune_inputs import assert_param_close, assert_state_close, make_grads
+from neptune_ext.testing import HYPER, assert_param_close, assert_state_close, backends, make_grads
 
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, clip=0.1, cautious=True, maximize=False)
+# Layouts are the optimizer's and the operators' host code: one CPU kernel set is enough.
+BACKENDS = backends(every_cpu_kernel_set=False)
+BACKEND_IDS = [b.name for b in BACKENDS]
 
 
 def in_layout(x: torch.Tensor, layout: str, device: str) -> torch.Tensor:
@@ -97,7 +98,7 @@ def test_16bit_params_in_every_layout(backend, monkeypatch, shape, p_layout, dty
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
-def test_memory_lean_state_with_a_strided_param(backend, monkeypatch):
+def test_bf16_state_with_a_strided_param(backend, monkeypatch):
     """bf16 state (stochastically rounded by element index in memory order): a strided
     param steps exactly as its contiguous copy does, the state being contiguous for both."""
     backend.use(monkeypatch)
@@ -116,8 +117,7 @@ def test_memory_lean_state_with_a_strided_param(backend, monkeypatch):
         assert torch.equal(opts[0].state[a][key], opts[1].state[b][key])
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.implementation == "op"],
-                         ids=[b.name for b in BACKENDS if b.implementation == "op"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.is_op], ids=[b.name for b in BACKENDS if b.is_op])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_dense_params_reach_the_operator_without_a_copy(backend, monkeypatch, layout):
     """Dense params whose units are spans keep today's path: the operator gets the param,
