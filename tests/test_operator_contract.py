@@ -384,6 +384,20 @@ def test_bitwise_reproducible_with_mixed_state_dtypes(backend):
     T.assert_lists_equal(outs[0], outs[1], "second run:")
 
 
+def _row_shards_and_whole(backend, lists: StepLists):
+    """docs/rule.md, property 5: steps the whole lists once, then rows [0, 4) and [4, end) of
+    each param alone (with their state and a copy of its step); yields (what, shard's
+    result, the whole step's result for those rows) for the param, exp_avg and exp_avg_sq."""
+    whole = T.copy_lists(lists)
+    backend.step(*whole, **T.HYPER)
+    for i in range(len(lists.params)):
+        for rows in (slice(0, 4), slice(4, None)):
+            shard = StepLists(*[[x[i][rows].clone()] for x in lists[:4]], [lists.steps[i].clone()])
+            backend.step(*shard, **T.HYPER)
+            for k in (0, 2, 3):
+                yield f"tensor {i} rows {rows} {StepLists._fields[k]}", shard[k][0], whole[k][i][rows]
+
+
 def test_bf16_state_row_shards_round_like_the_whole_tensor(backend):
     """docs/rule.md, property 5 with bf16 state: the rounding bits follow the index within
     the unit, so rows stepped alone give the whole tensor's results bitwise (warp, block and
@@ -391,14 +405,8 @@ def test_bf16_state_row_shards_round_like_the_whole_tensor(backend):
     for dtype in T.DTYPES:
         lists = backend.to_device(T.make_case([(10, 3, 3), (9, 17), (6, 5000), (5, 20000)], dtype, seed=63,
                                               state_dtype=torch.bfloat16))
-        whole = T.copy_lists(lists)
-        backend.step(*whole, **T.HYPER)
-        for i in range(len(lists.params)):
-            for rows in (slice(0, 4), slice(4, None)):
-                shard = StepLists(*[[x[i][rows].clone()] for x in lists[:4]], [lists.steps[i].clone()])
-                backend.step(*shard, **T.HYPER)
-                for k in (0, 2, 3):
-                    assert torch.equal(shard[k][0], whole[k][i][rows]), (dtype, i, rows, StepLists._fields[k])
+        for name, shard, whole in _row_shards_and_whole(backend, lists):
+            assert torch.equal(shard, whole), (dtype, name)
 
 
 # -- the properties of docs/rule.md ----------------------------------------------------------------
@@ -471,11 +479,5 @@ def test_property4_clipping_only_shrinks(backend):
 
 def test_property5_rows_are_independent(backend):
     lists = backend.to_device(T.make_case([(10, 3, 3), (9, 17)], torch.float32))
-    whole = T.copy_lists(lists)
-    backend.step(*whole, **T.HYPER)
-    for i in range(len(lists.params)):
-        for rows in (slice(0, 4), slice(4, None)):
-            shard = StepLists(*[[x[i][rows].clone()] for x in lists[:4]], [lists.steps[i].clone()])
-            backend.step(*shard, **T.HYPER)
-            for k in (0, 2, 3):
-                torch.testing.assert_close(shard[k][0], whole[k][i][rows], rtol=1e-6, atol=1e-7)
+    for name, shard, whole in _row_shards_and_whole(backend, lists):
+        torch.testing.assert_close(shard, whole, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
