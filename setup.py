@@ -19,6 +19,25 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
 DEFAULT_ARCH_LIST = "8.0;9.0"
+# The torch an sdist builds against: any in this range, whichever is installed.
+TORCH_RANGE = "torch>=2.11,<3"
+
+
+def package_version() -> str:
+    """neptune_ext/_version.py's __version__, without importing the package."""
+    scope: dict = {}
+    with open(os.path.join(ROOT, "neptune_ext", "_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
+def torch_requirement(torch_version: str, argv: list[str]) -> str:
+    """The sdist states TORCH_RANGE; whatever is built from it (a wheel, an install) is
+    compiled against one torch and requires that release (the version without its local
+    label: 2.14.1+cu130 gives torch==2.14.1), so pip will not pair it with another."""
+    if "sdist" in argv:
+        return TORCH_RANGE
+    return "torch==" + torch_version.split("+")[0]
 
 
 def _toolkit_root(path: str) -> str | None:
@@ -161,6 +180,7 @@ def main() -> None:
             "BUILD_INFO = "
             + repr(
                 {
+                    "version": package_version(),
                     "cpu": True,
                     "cuda": build_cuda,
                     "cuda_arch_list": arch_list,
@@ -173,6 +193,7 @@ def main() -> None:
         )
 
     setup(
+        install_requires=[torch_requirement(torch.__version__, sys.argv[1:])],
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     )

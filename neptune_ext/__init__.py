@@ -3,6 +3,7 @@
     from neptune_ext import Neptune
     opt = Neptune(model.parameters(), lr=1e-3)   # in place of torch.optim.AdamW
 """
+from ._version import __version__
 from .ops import build_info, has_kernel, neptune_step_
 from .optimizer import Neptune
 from .param_groups import find_head, param_groups
@@ -20,4 +21,3 @@ __all__ = [
     "param_groups",
     "register_timm",
 ]
-__version__ = "0.1.0"

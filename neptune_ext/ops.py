@@ -41,6 +41,34 @@ def _built() -> dict:
         return {"cpu": False, "cuda": False, "note": "neptune_ext/_build_info.py missing: not built by setup.py"}
 
 
+def _abi_key(torch_version: str, torch_cuda_version: str | None) -> tuple[str, str | None]:
+    # What a compiled extension depends on: the release (the version before its local
+    # label), since torch's C++ ABI changes between releases, and the CUDA major version
+    # (None for a CPU build), since the +cpu, +cu12x and +cu13x builds of one release ship
+    # different libraries (libtorch_cuda, libc10_cuda, libcudart.so.12 / .13). The rest of
+    # the local label is ignored: PyPI's 2.14.1 and the PyTorch index's 2.14.1+cu130 are
+    # one build.
+    return torch_version.split("+")[0], torch_cuda_version.split(".")[0] if torch_cuda_version else None
+
+
+def check_torch_abi(built_version: str, built_cuda: str | None, running_version: str,
+                    running_cuda: str | None) -> None:
+    """ImportError, saying how to rebuild, when the running torch is not the one the
+    extensions were compiled against (see _abi_key for what counts)."""
+    if _abi_key(built_version, built_cuda) == _abi_key(running_version, running_cuda):
+        return
+    raise ImportError(
+        f"neptune_ext was built against torch {built_version} (CUDA {built_cuda}), but torch "
+        f"{running_version} (CUDA {running_cuda}) is installed: a compiled neptune_ext works only with the "
+        "torch it was built against. Rebuild it for this torch with `pip install --no-build-isolation "
+        "--force-reinstall --no-deps --no-binary neptune_ext neptune_ext` (from a source checkout: "
+        f"`pip install --no-build-isolation -e .`), or install a neptune_ext wheel built for torch {running_version}"
+    )
+
+
+if "torch_version" in _built():  # absent when not built by setup.py: nothing compiled to check
+    check_torch_abi(_built()["torch_version"], _built().get("torch_cuda_version"), torch.__version__,
+                    torch.version.cuda)
 HAS_CPU_EXT = _load("_C")
 HAS_CUDA_EXT = _load("_C_cuda") if (_built().get("cuda") and torch.version.cuda) else False
 
