@@ -87,7 +87,7 @@ EXPERIMENTS = {
                    about="time to accuracy on all 60,000 training images, width 16, batch 512 (GPU)"),
     ]
 }
-CPU_EXPERIMENTS = ["speed-5k", "small-1k", "vit-5k", "noisy-60k", "speed-60k"]
+CPU_EXPERIMENTS = ["speed-5k", "small-1k", "vit-5k", "speed-60k", "noisy-60k"]
 
 
 def quick(e: Experiment) -> Experiment:
