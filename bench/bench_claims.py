@@ -305,6 +305,7 @@ def parse_args(argv=None):
     p.add_argument("--memory", action="store_true", help="measure optimizer-state bytes and peak memory")
     p.add_argument("--rounds", type=int, default=3, help="--timing/--memory repetitions (medians are quoted)")
     p.add_argument("--out-dir", default=RESULTS)
+    p.add_argument("--tag", default="", help="suffix of the output names (e.g. the GPU's name)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -316,7 +317,7 @@ def parse_args(argv=None):
     if args.quick:
         args.dataset = "digits"
     args.exps = [P.quick(P.EXPERIMENTS[n]) if args.quick else P.EXPERIMENTS[n] for n in names]
-    args.stem = os.path.join(args.out_dir, "claims" + ("_quick" if args.quick else ""))
+    args.stem = os.path.join(args.out_dir, "claims" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else ""))
     return args
 
 
