@@ -182,6 +182,21 @@ stage fashion-mnist "$FMNIST_LIMIT_S" bash -c '
   '"$PY"' bench/bench_training.py --dataset fashion-mnist --full --data-dir data --device cuda \
     --lrs '"$FMNIST_LRS"' --arms neptune,adamw,sgd --seeds 3 --no-progress --out-dir bench/results --tag '"$CARD"
 
+# --- The three-claims benchmark's time-to-accuracy protocol at full size (bench/bench_claims.py,
+# experiment speed-60k-gpu: all 60,000 images, width 16, batch 512, budgets 2-16 epochs, each
+# optimizer's lr swept on validation per budget, 5 final seeds), then its timing pass. It
+# needs more than one call's time: --resume continues from bench/results/claims_<card>.runs.jsonl
+# (kept in $OUT's tarball), so a later call with that file in place goes on where this stopped.
+TTA_LIMIT_S=${TTA_LIMIT_S:-240}
+DEADLINE=$((DEADLINE + TTA_LIMIT_S))
+stage time-to-accuracy "$TTA_LIMIT_S" bash -c '
+  '"$PY"' -c "import sys; from neptune_ext.datasets import find_fashion_mnist as f; sys.exit(0 if f(\"data\") else 77)" \
+    || { echo "Fashion-MNIST not in data/ or /usr/share/datasets/fashion-mnist: skipped (see the header)"; exit 77; }
+  '"$PY"' bench/bench_claims.py --experiments speed-60k-gpu --device cuda --data-dir data --resume --no-progress \
+    --out-dir bench/results --tag '"$CARD"' && \
+  '"$PY"' bench/bench_claims.py --experiments speed-60k-gpu --device cuda --data-dir data --timing --whole-runs \
+    --out-dir bench/results --tag '"$CARD"
+
 echo "=== gpu_check on $CARD (arch $ARCH): $(($(date +%s) - START))s; logs in $LOGDIR"
 pack
 cat "$SUMMARY"
