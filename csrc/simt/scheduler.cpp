@@ -21,6 +21,23 @@
 #include <ucontext.h>
 #endif
 
+// Under AddressSanitizer every switch between the scheduler's stack and a fiber's is
+// announced to it (start) and completed on the new stack (finish): otherwise it takes a
+// fiber's stack for wild memory, ignores the stack unpoisoning a throw asks for (a C++
+// exception out of a kernel), and the poisoned frames left behind give false
+// stack-buffer-overflow reports in the next kernel run on that stack.
+#if defined(__SANITIZE_ADDRESS__)
+#define NEPTUNE_SIMT_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define NEPTUNE_SIMT_ASAN 1
+#endif
+#endif
+#if defined(NEPTUNE_SIMT_ASAN)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 
 #if defined(__x86_64__)
 // void neptune_simt_switch(void** save_sp, void* next_sp): saves the callee-saved registers
@@ -92,6 +109,9 @@ struct Fiber {
   uint64_t value = 0, out = 0;
   std::string fault;
   char* stack = nullptr;
+#if defined(NEPTUNE_SIMT_ASAN)
+  void* asan_fake_stack = nullptr;
+#endif
 #if defined(__x86_64__)
   void* sp = nullptr;
 #else
@@ -109,6 +129,12 @@ struct LaunchState {
   alignas(64) unsigned char shared[kSharedBytes];
   std::vector<std::pair<const void*, size_t>> shared_slots;  // declaration key -> offset
   size_t shared_used = 0;
+#if defined(NEPTUNE_SIMT_ASAN)
+  const void* sched_stack_bottom = nullptr;  // the scheduler's stack, as ASan reports it to a fiber
+  size_t sched_stack_size = 0;
+  void* sched_fake_stack = nullptr;
+  bool stacks_dirty = false;  // a block ended by an exception: its fibers' frames are still poisoned
+#endif
 #if defined(__x86_64__)
   void* sched_sp = nullptr;
 #else
@@ -142,18 +168,30 @@ char* stack_at(size_t k) {
                            "), block " + std::to_string(L.block_idx.x) + ": " + what);
 }
 
-void yield_to_scheduler(Fiber* f) {
+// The fiber side of a switch. `final`: the fiber has finished and never runs again.
+void yield_to_scheduler(Fiber* f, bool final = false) {
   LaunchState* L = t_launch;
+#if defined(NEPTUNE_SIMT_ASAN)
+  __sanitizer_start_switch_fiber(final ? nullptr : &f->asan_fake_stack, L->sched_stack_bottom, L->sched_stack_size);
+#else
+  (void)final;
+#endif
 #if defined(__x86_64__)
   neptune_simt_switch(&f->sp, L->sched_sp);
 #else
   swapcontext(&f->uc, &L->sched_uc);
+#endif
+#if defined(NEPTUNE_SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(f->asan_fake_stack, &L->sched_stack_bottom, &L->sched_stack_size);
 #endif
 }
 
 extern "C" [[noreturn]] void neptune_simt_fiber_main() {
 #if !defined(__x86_64__)
   fesetenv(FE_DFL_ENV);  // the device's FP environment: round to nearest, subnormals kept
+#endif
+#if defined(NEPTUNE_SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(nullptr, &t_launch->sched_stack_bottom, &t_launch->sched_stack_size);
 #endif
   Fiber* f = t_fiber;
   try {
@@ -166,7 +204,7 @@ extern "C" [[noreturn]] void neptune_simt_fiber_main() {
     f->st = St::kFault;
     f->fault = "unknown exception";
   }
-  yield_to_scheduler(f);
+  yield_to_scheduler(f, /*final=*/true);
   __builtin_trap();  // a finished fiber is never resumed
 }
 
@@ -198,10 +236,16 @@ void start_fiber(Fiber& f) {
 void resume(LaunchState& L, Fiber& f) {
   t_fiber = &f;
   ++g_stats.switches;
+#if defined(NEPTUNE_SIMT_ASAN)
+  __sanitizer_start_switch_fiber(&L.sched_fake_stack, f.stack, kStackBytes);
+#endif
 #if defined(__x86_64__)
   neptune_simt_switch(&L.sched_sp, f.sp);
 #else
   swapcontext(&L.sched_uc, &f.uc);
+#endif
+#if defined(NEPTUNE_SIMT_ASAN)
+  __sanitizer_finish_switch_fiber(L.sched_fake_stack, nullptr, nullptr);
 #endif
   t_fiber = nullptr;
 }
@@ -322,6 +366,12 @@ void run_block(LaunchState& L, int64_t b) {
   L.shared_used = 0;
   L.block_idx = uint3{(unsigned)b, 0, 0};
   const int n = (int)L.block_dim.x;
+#if defined(NEPTUNE_SIMT_ASAN)
+  // The fibers of a block that failed never returned from their frames: clear their poison.
+  if (L.stacks_dirty)
+    for (char* s : g_stacks) ASAN_UNPOISON_MEMORY_REGION(s, kStackBytes);
+  L.stacks_dirty = true;  // until this block ends normally
+#endif
   L.fibers.assign((size_t)n, Fiber{});
   for (int t = 0; t < n; ++t) {
     Fiber& f = L.fibers[(size_t)t];
@@ -344,6 +394,9 @@ void run_block(LaunchState& L, int64_t b) {
     if (!any_live) break;
     release_or_fail(L);
   }
+#if defined(NEPTUNE_SIMT_ASAN)
+  L.stacks_dirty = false;
+#endif
 }
 
 }  // namespace
