@@ -30,7 +30,14 @@ namespace {
 
 // Arrays offset from each other by a few cache lines, as separate torch tensors are.
 float* alloc_floats(int64_t n, int k) {
-  char* p = static_cast<char*>(aligned_alloc(4096, (size_t)n * 4 + 8192));
+  // aligned_alloc wants a size that is a multiple of the alignment (C11; ASan's allocator
+  // refuses any other size).
+  const size_t bytes = ((size_t)n * 4 + 8192 + 4095) / 4096 * 4096;
+  char* p = static_cast<char*>(aligned_alloc(4096, bytes));
+  if (p == nullptr) {
+    std::fprintf(stderr, "cpu_probe: cannot allocate %zu bytes\n", bytes);
+    std::exit(1);
+  }
   float* f = reinterpret_cast<float*>(p + 64 * (k + 1));
   std::memset(f, 0, (size_t)n * 4);
   return f;
