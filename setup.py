@@ -6,6 +6,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST     architectures to build for; unset and no GPU visible: "8.0;9.0".
   CUDA_HOME                toolkit root; unset: resolved from the real nvcc behind PATH.
   MAX_JOBS                 parallel compile jobs (ninja).
+  NEPTUNE_SANITIZE=1       the CPU extension under AddressSanitizer and UBSan, built by
+                           `python setup.py build` into build/sanitize/lib only (never in
+                           place, never installed); run with .ci/sanitize.sh (docs/sanitize.md).
 """
 from __future__ import annotations
 
@@ -119,6 +122,57 @@ def want_cuda() -> bool:
     return possible
 
 
+# -- NEPTUNE_SANITIZE=1: the sanitizer build (docs/sanitize.md) -------------------------------
+SANITIZE_DIR = os.path.join("build", "sanitize")
+SANITIZERS = "address,undefined,float-cast-overflow"
+# -fno-wrapv: Python's CFLAGS carry -fwrapv, under which signed overflow is defined and
+# UBSan's signed-integer-overflow check is silent. float-cast-overflow (a float converted to
+# an integer type that cannot hold it) is not part of gcc's "undefined". -O1 -g: usable
+# stack traces at a bearable speed.
+SANITIZE_CXX_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv",
+                      f"-fsanitize={SANITIZERS}", "-fno-sanitize-recover=all"]
+SANITIZE_COMMANDS = ("build", "build_ext", "build_py", "clean")
+
+
+def sanitize_requested() -> bool:
+    return os.environ.get("NEPTUNE_SANITIZE", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def sanitize_build(cpu_ext, torch) -> None:
+    """Builds only the CPU extension (the CPU kernels, the SIMT emulator and the emulated
+    CUDA kernels) with SANITIZE_CXX_FLAGS, with the Python package, into
+    build/sanitize/lib: a normal import never finds it; .ci/sanitize.sh puts it first on
+    PYTHONPATH with the sanitizer runtime preloaded."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    if os.environ.get("NEPTUNE_BUILD_CUDA", "").strip().lower() in ("1", "true", "on", "yes"):
+        sys.exit("NEPTUNE_SANITIZE=1 builds the CPU extension only: unset NEPTUNE_BUILD_CUDA")
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if command not in SANITIZE_COMMANDS or {"-i", "--inplace"} & set(sys.argv):
+        sys.exit(f"NEPTUNE_SANITIZE=1: run `python setup.py build` (it builds into {SANITIZE_DIR}/lib only: "
+                 f"never in place, never installed), got {sys.argv[1:]}")
+    cxx = [f for f in cpu_ext.extra_compile_args["cxx"] if f not in ("-O3", "-g0")]
+    cpu_ext.extra_compile_args = {"cxx": cxx + SANITIZE_CXX_FLAGS}
+    cpu_ext.extra_link_args = list(cpu_ext.extra_link_args) + [f"-fsanitize={SANITIZERS}"]
+    info = {"version": package_version(), "cpu": True, "cuda": False, "sanitize": SANITIZERS,
+            "torch_version": torch.__version__, "torch_cuda_version": torch.version.cuda}
+
+    class SanitizedBuildExt(BuildExtension.with_options(use_ninja=True)):
+        def finalize_options(self):
+            super().finalize_options()
+            self.inplace = 0
+
+        def run(self):
+            super().run()
+            with open(os.path.join(self.build_lib, "neptune_ext", "_build_info.py"), "w") as f:
+                f.write("# Written by setup.py (NEPTUNE_SANITIZE=1) at build time.\n")
+                f.write("BUILD_INFO = " + repr(info) + "\n")
+
+    setup(ext_modules=[cpu_ext], cmdclass={"build_ext": SanitizedBuildExt},
+          options={"build": {"build_base": SANITIZE_DIR, "build_lib": os.path.join(SANITIZE_DIR, "lib")}})
+# -- end of the sanitizer build ---------------------------------------------------------------
+
+
 def main() -> None:
     cuda_home = resolve_cuda_home()
     if cuda_home:
@@ -173,6 +227,9 @@ def main() -> None:
                 },
             )
         )
+
+    if sanitize_requested():  # its own build, its own build info: see sanitize_build
+        return sanitize_build(ext_modules[0], torch)
 
     with open(os.path.join(ROOT, "neptune_ext", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")

@@ -124,6 +124,8 @@ def describe_build() -> str:
         parts.append(f"CUDA kernel {'loaded' if i['cuda_kernel_loaded'] else 'missing'} (archs {i.get('cuda_arch_list')})")
     else:
         parts.append("CUDA extension not built")
+    if i.get("sanitize"):
+        parts.append(f"sanitizer build ({i['sanitize']}): for tests, not training")
     if "torch_version" in i:
         parts.append(f"built against torch {i['torch_version']}, running {i['torch_version_now']}")
     if "load_errors" in i:
