@@ -266,6 +266,8 @@ def _env(name: str, value: str | None):
 
 def _twin(t: Tensor) -> Tensor:
     """A copy of t at the same offset into a fresh buffer: the same 16-byte alignment."""
+    if t.layout != torch.strided:  # a sparse grad (to be refused): as it is
+        return t.clone()
     extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 1
     buf = torch.empty(t.storage_offset() + extent, dtype=t.dtype, device=t.device)
     return buf.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(t)
