@@ -178,7 +178,11 @@ def assert_bf16_state_close(actual: Tensor, expected: Tensor, what: str = "") ->
     if actual.numel() == 0:
         return
     _assert_16bit_close(actual, expected, what)
-    assert (actual == expected).float().mean() > 0.99, "rounding bits differ: " + what
+    # One element may differ in any tensor: two float32 moments a rounding apart straddle a
+    # rounding boundary now and then (about one element in 10^4 to 10^5), so "99%" alone
+    # would fail tensors of under 100 elements by chance.
+    differ = int((actual != expected).sum())
+    assert differ <= max(1, actual.numel() // 100), f"rounding bits differ in {differ} elements: " + what
 
 
 def assert_nonfinite_close(actual: Tensor, expected: Tensor, what: str = "") -> None:
