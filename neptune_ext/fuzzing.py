@@ -845,9 +845,9 @@ def mutate_state_dict(sd: dict, mutations) -> tuple[dict, list[Fault]]:
             F.append(Fault("a group without 'params'", [("'params'",)]))
         elif name == "group_set":  # (group, key, value, valid)
             g, key, value, valid = args
-            sd["param_groups"][g % len(sd["param_groups"])][key] = value
-            if not valid:
-                F.append(Fault(f"{key}={value!r}", [(key,)]))
+            group = sd["param_groups"][g % len(sd["param_groups"])]
+            group[key] = value
+            keyed[id(group), key] = (group, key, None if valid else Fault(f"{key}={value!r}", [(key,)]))
         elif name == "group_drop_neptune_keys":
             for g in sd["param_groups"]:
                 for key in NEPTUNE_KEYS:
@@ -900,6 +900,7 @@ def mutate_state_dict(sd: dict, mutations) -> tuple[dict, list[Fault]]:
             if not fine:  # a valid change of a bad moment leaves it bad
                 keyed[id(entry), key] = (entry, key, Fault(f"{key} {kind}", [(key,)]))
     live = [id(e) for e in sd["state"].values()] if isinstance(sd, dict) and isinstance(sd.get("state"), dict) else []
+    live += [id(g) for g in sd["param_groups"]] if isinstance(sd, dict) and isinstance(sd.get("param_groups"), list) else []
     # a change counts if its entry is still there (and the changed key, or the dropped one's absence)
     return sd, F + [f for e, key, f in keyed.values()
                     if f is not None and id(e) in live and (key in e if key else f.what[3:] not in e)]
