@@ -1,0 +1,63 @@
+"""What the fuzz tests share: how many cases a run makes, and the hypothesis runner.
+
+A CI run makes a fixed number of cases per test, from hypothesis's derandomized stream (no
+example database): every run the same cases. The long mode:
+
+    NEPTUNE_FUZZ_CASES=100000 python -m pytest tests/test_fuzz_operator.py   # that many per test
+    NEPTUNE_FUZZ_SECONDS=86400 python -m pytest tests/test_fuzz_operator.py  # for a day per test
+    NEPTUNE_FUZZ_SEED=7 ...          # another stream of cases than the CI's (the default: a fresh one)
+
+A failing case is shrunk, then printed as "Falsifying example" followed by its reproducer: a
+self-contained Python snippet (neptune_ext.fuzzing) to save as repro.py and run with
+`python repro.py` from the repository root.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+from hypothesis import HealthCheck, Phase, given, note, seed, settings
+
+CASES_ENV, SECONDS_ENV, SEED_ENV = "NEPTUNE_FUZZ_CASES", "NEPTUNE_FUZZ_SECONDS", "NEPTUNE_FUZZ_SEED"
+CHUNK = 1000  # cases per hypothesis run in the timed mode (each run a new seed)
+
+
+def _settings(max_examples: int, derandomize: bool) -> settings:
+    return settings(max_examples=max_examples, derandomize=derandomize, database=None, deadline=None,
+                    suppress_health_check=list(HealthCheck), print_blob=False, report_multiple_bugs=False,
+                    phases=(Phase.explicit, Phase.generate, Phase.shrink))
+
+
+def run_fuzz(strategy, run_case, ci_cases: int, what: str) -> int:
+    """Runs run_case(spec) -> reproducer source on specs drawn from `strategy`: ci_cases
+    derandomized cases, or as the environment asks (module docstring). Returns the number
+    of cases run (shrinking's included)."""
+    count = [0]
+
+    def test():
+        def body(spec):  # a fresh function per hypothesis run: each takes its own settings
+            count[0] += 1
+            run_case(spec, lambda source: note(source))
+        return body
+
+    seconds = float(os.environ.get(SECONDS_ENV, "0") or 0)
+    cases = int(os.environ.get(CASES_ENV, "0") or 0) or ci_cases
+    user_seed = os.environ.get(SEED_ENV)
+    if not seconds and not user_seed and not os.environ.get(CASES_ENV):
+        given(strategy)(_settings(cases, derandomize=True)(test()))()
+        return count[0]
+    base = int(user_seed) if user_seed else random.randrange(2**32)
+    print(f"\n{what}: fuzzing with {SEED_ENV}={base}", flush=True)
+    deadline = time.monotonic() + seconds if seconds else None
+    k = 0
+    while True:
+        n = CHUNK if deadline else min(CHUNK, cases - k * CHUNK)
+        if n <= 0:
+            break
+        seed(base + k)(given(strategy)(_settings(n, derandomize=False)(test())))()
+        k += 1
+        if deadline and time.monotonic() > deadline:
+            break
+    print(f"{what}: {count[0]} cases, seeds {base}..{base + k - 1}", flush=True)
+    return count[0]
