@@ -23,7 +23,7 @@ from neptune_ext import fuzzing
 from neptune_ext import testing as T
 from neptune_ext.ops import StepLists
 
-from fuzz_support import run_fuzz
+from fuzz_support import cases_asked, run_fuzz
 
 BACKEND_NAMES = [b.name for b in T.BACKENDS if b.is_op and b.device == "cpu" and b.missing() is None]
 CI_CASES = 400  # measured: tests/test_fuzz_operator.py adds about 40 s on a 2-core machine
@@ -227,4 +227,24 @@ def run_operator_case(spec, note=print):
 @pytest.mark.skipif(not BACKEND_NAMES, reason="the CPU extension is not built")
 def test_fuzz_operator():
     n = run_fuzz(operator_specs(), run_operator_case, CI_CASES, "operator")
-    assert n >= CI_CASES
+    assert n >= cases_asked(CI_CASES)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_an_update_beyond_float32_meets_an_infinite_weight_as_float32_does(backend):
+    """Found by this fuzzer (eps 1e-45, V 0, an infinite weight): the Adam direction overflows
+    float32 and inf - inf gives NaN where the float64 reference keeps inf (docs/rule.md,
+    "Non-finite values"). The property accepts the places the rule computed in float32 has."""
+    def lists():
+        return StepLists([torch.tensor([math.inf, 1.0])], [torch.zeros(2)], [torch.full((2,), 0.018)],
+                         [torch.zeros(2)], [torch.tensor(3.0)])
+
+    hyper = dict(lr=0.01, beta1=0.9, beta2=0.0, weight_decay=0.1, eps=1e-45, clip=0.1, cautious=False,
+                 maximize=False, grad_scale=None, found_inf=None)
+    expected = {dt: lists() for dt in (torch.float64, torch.float32)}
+    for dt, ref in expected.items():
+        fuzzing.neptune_step_reference_multi(*ref, **hyper, compute_dtype=dt)
+    assert expected[torch.float64].params[0][0] == math.inf and expected[torch.float32].params[0][0].isnan()
+    case = lists()
+    assert fuzzing.check_operator_call(backend, "wrapper", case, hyper) == "computed"
+    assert case.params[0][0].isnan() and case.params[0][1] == -math.inf
