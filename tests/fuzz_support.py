@@ -29,6 +29,13 @@ def _settings(max_examples: int, derandomize: bool) -> settings:
                     phases=(Phase.explicit, Phase.generate, Phase.shrink))
 
 
+def cases_asked(ci_cases: int) -> int:
+    """How many cases a run must make: NEPTUNE_FUZZ_CASES, else ci_cases (a timed run: 1)."""
+    if os.environ.get(SECONDS_ENV) and not os.environ.get(CASES_ENV):
+        return 1
+    return int(os.environ.get(CASES_ENV, "0") or 0) or ci_cases
+
+
 def run_fuzz(strategy, run_case, ci_cases: int, what: str) -> int:
     """Runs run_case(spec) -> reproducer source on specs drawn from `strategy`: ci_cases
     derandomized cases, or as the environment asks (module docstring). Returns the number
@@ -51,13 +58,18 @@ def run_fuzz(strategy, run_case, ci_cases: int, what: str) -> int:
     print(f"\n{what}: fuzzing with {SEED_ENV}={base}", flush=True)
     deadline = time.monotonic() + seconds if seconds else None
     k = 0
-    while True:
-        n = CHUNK if deadline else min(CHUNK, cases - k * CHUNK)
-        if n <= 0:
-            break
-        seed(base + k)(given(strategy)(_settings(n, derandomize=False)(test())))()
-        k += 1
-        if deadline and time.monotonic() > deadline:
-            break
+    try:
+        while True:
+            n = CHUNK if deadline else min(CHUNK, cases - k * CHUNK)
+            if n <= 0:
+                break
+            seed(base + k)(given(strategy)(_settings(n, derandomize=False)(test())))()
+            k += 1
+            print(f"{what}: {count[0]} cases so far", flush=True)  # a day-long run's progress
+            if deadline and time.monotonic() > deadline:
+                break
+    except BaseException:
+        print(f"{what}: failed at seed {base + k} after {count[0]} cases", flush=True)
+        raise
     print(f"{what}: {count[0]} cases, seeds {base}..{base + k - 1}", flush=True)
     return count[0]
