@@ -8,18 +8,21 @@ example database): every run the same cases. The long mode:
     NEPTUNE_FUZZ_SEED=7 ...          # another stream of cases than the CI's (the default: a fresh one)
 
 A failing case is shrunk, then printed as "Falsifying example" followed by its reproducer: a
-self-contained Python snippet (neptune_ext.fuzzing) to save as repro.py and run with
-`python repro.py` from the repository root.
+self-contained Python snippet (neptune_ext.fuzzing), also saved to a file whose path and
+command line the failure names (in NEPTUNE_FUZZ_REPRO_DIR, by default the temporary folder).
 """
 from __future__ import annotations
 
 import os
 import random
+import tempfile
 import time
 
 from hypothesis import HealthCheck, Phase, given, note, seed, settings
 
 CASES_ENV, SECONDS_ENV, SEED_ENV = "NEPTUNE_FUZZ_CASES", "NEPTUNE_FUZZ_SECONDS", "NEPTUNE_FUZZ_SEED"
+REPRO_DIR_ENV = "NEPTUNE_FUZZ_REPRO_DIR"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = 1000  # cases per hypothesis run in the timed mode (each run a new seed)
 
 
@@ -40,19 +43,23 @@ def run_fuzz(strategy, run_case, ci_cases: int, what: str) -> int:
     """Runs run_case(spec) -> reproducer source on specs drawn from `strategy`: ci_cases
     derandomized cases, or as the environment asks (module docstring). Returns the number
     of cases run (shrinking's included)."""
-    count = [0]
+    count, last = [0], [None]
+
+    def record(source):
+        last[0] = source
+        note(source)
 
     def test():
         def body(spec):  # a fresh function per hypothesis run: each takes its own settings
             count[0] += 1
-            run_case(spec, lambda source: note(source))
-        return body
+            run_case(spec, record)
+        return given(strategy)(body)
 
     seconds = float(os.environ.get(SECONDS_ENV, "0") or 0)
     cases = int(os.environ.get(CASES_ENV, "0") or 0) or ci_cases
     user_seed = os.environ.get(SEED_ENV)
     if not seconds and not user_seed and not os.environ.get(CASES_ENV):
-        given(strategy)(_settings(cases, derandomize=True)(test()))()
+        saving_reproducer(_settings(cases, derandomize=True)(test()), last, what)()
         return count[0]
     base = int(user_seed) if user_seed else random.randrange(2**32)
     print(f"\n{what}: fuzzing with {SEED_ENV}={base}", flush=True)
@@ -63,7 +70,7 @@ def run_fuzz(strategy, run_case, ci_cases: int, what: str) -> int:
             n = CHUNK if deadline else min(CHUNK, cases - k * CHUNK)
             if n <= 0:
                 break
-            seed(base + k)(given(strategy)(_settings(n, derandomize=False)(test())))()
+            saving_reproducer(seed(base + k)(_settings(n, derandomize=False)(test())), last, what)()
             k += 1
             print(f"{what}: {count[0]} cases so far", flush=True)  # a day-long run's progress
             if deadline and time.monotonic() > deadline:
@@ -73,3 +80,20 @@ def run_fuzz(strategy, run_case, ci_cases: int, what: str) -> int:
         raise
     print(f"{what}: {count[0]} cases, seeds {base}..{base + k - 1}", flush=True)
     return count[0]
+
+
+def saving_reproducer(run, last: list, what: str):
+    """run() with the last reproducer saved to a file if it fails, named in the failure
+    (hypothesis runs the shrunk failing case last, so `last` then holds its reproducer)."""
+    def wrapped():
+        try:
+            run()
+        except Exception as e:  # (not an interrupt: no failing case)
+            if last[0] is not None:
+                folder = os.environ.get(REPRO_DIR_ENV) or tempfile.gettempdir()
+                path = os.path.join(folder, f"neptune_fuzz_{what}_repro_{os.getpid()}.py")
+                with open(path, "w") as f:
+                    f.write(last[0])
+                e.add_note(f"reproducer saved: PYTHONPATH={ROOT} python {path}")
+            raise
+    return wrapped

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from neptune_ext import fuzzing
 
+import fuzz_support
 from fuzz_support import run_fuzz
 from test_fuzz_checkpoint import checkpoint_specs
 from test_fuzz_operator import BACKEND_NAMES, operator_specs, run_operator_case
@@ -73,14 +74,19 @@ def test_a_failing_case_fails_on_its_own(tmp_path):
     assert "params[0] (4,) torch.float32" in done.stderr
 
 
-def test_a_failure_is_shrunk_and_printed_as_its_reproducer(monkeypatch):
-    """With a planted bug (the expected outcome read wrong: every call valid), the fuzzer
-    fails, and the snippet in its report fails again when run."""
-    monkeypatch.setattr(fuzzing, "operator_faults", lambda *a: [])
+def test_a_failure_is_shrunk_and_printed_as_its_reproducer(monkeypatch, tmp_path):
+    """With a planted bug (every refusal judged unclear), the fuzzer fails; the snippet in
+    its report, and the file it saves, fail again when run."""
+    monkeypatch.setattr(fuzzing, "refusal_problem", lambda *a: "planted")
+    monkeypatch.setenv(fuzz_support.REPRO_DIR_ENV, str(tmp_path))
     with pytest.raises(AssertionError) as e:
         run_fuzz(operator_specs(), run_operator_case, 200, "operator")
-    notes = "\n".join(getattr(e.value, "__notes__", []))
-    assert "# neptune_ext fuzz reproducer: operator" in notes
-    source = notes[notes.index("# neptune_ext fuzz reproducer"):]
-    with pytest.raises(AssertionError, match="refused a valid call"):
-        fuzzing.run_source(source)
+    notes = getattr(e.value, "__notes__", [])
+    printed = [n for n in notes if n.startswith("# neptune_ext fuzz reproducer: operator")]
+    saved = [n for n in notes if n.startswith("reproducer saved: ")]
+    assert printed and saved, notes
+    path = saved[-1].split()[-1]
+    with open(path) as f:
+        assert f.read() == printed[-1]
+    with pytest.raises(AssertionError, match=r"unclear refusal \(planted\)"):
+        fuzzing.run_source(printed[-1])
