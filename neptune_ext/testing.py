@@ -144,6 +144,11 @@ def _assert_16bit_close(actual: Tensor, expected: Tensor, what: str) -> None:
             f"{what}: {int(far.sum())} elements > 1 ulp apart, up to {worst:.3g} (rms {scale:.3g})")
 
 
+def _with(what: str):
+    """assert_close's message prefixed with `what` (a plain msg would replace its figures)."""
+    return (lambda message: f"{what}: {message}") if what else None
+
+
 def assert_param_close(actual: Tensor, expected: Tensor, what: str = "") -> None:
     """fp32: relative 1e-5 (absolute 1e-5 of the tensor's rms); bf16 / fp16: one ulp
     (see _assert_16bit_close for results near zero)."""
@@ -155,7 +160,7 @@ def assert_param_close(actual: Tensor, expected: Tensor, what: str = "") -> None
         _assert_16bit_close(actual, expected, what)
     else:
         scale = expected.double().pow(2).mean().sqrt().item()
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale, msg=what or None)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale, msg=_with(what))
 
 
 def assert_state_close(actual: Tensor, expected: Tensor, what: str = "") -> None:
@@ -165,7 +170,7 @@ def assert_state_close(actual: Tensor, expected: Tensor, what: str = "") -> None
     if actual.numel() == 0:
         return
     scale = expected.double().pow(2).mean().sqrt().item()
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale + 1e-30, msg=what or None)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale + 1e-30, msg=_with(what))
 
 
 def assert_bf16_state_close(actual: Tensor, expected: Tensor, what: str = "") -> None:
