@@ -136,12 +136,14 @@ def _assert_16bit_close(actual: Tensor, expected: Tensor, what: str) -> None:
     # against lr * u, or a moment against the new gradient term), where one float32
     # rounding of the operands is many 16-bit ulps of the result: those must be as close
     # in absolute terms as float32 values would have to be, and rare.
+    # (Rare: under 0.1% of the elements, or one in a tensor of under 1,000 elements.)
     far = ulp_diff(actual, expected) > 1
     if far.any():
         scale = expected.double().pow(2).mean().sqrt().item()
         worst = (actual[far].double() - expected[far].double()).abs().max().item()
-        assert worst <= 1e-5 * scale + 1e-30 and far.float().mean() < 1e-3, (
-            f"{what}: {int(far.sum())} elements > 1 ulp apart, up to {worst:.3g} (rms {scale:.3g})")
+        n_far = int(far.sum())
+        assert worst <= 1e-5 * scale + 1e-30 and (n_far == 1 or n_far < 1e-3 * far.numel()), (
+            f"{what}: {n_far} elements > 1 ulp apart, up to {worst:.3g} (rms {scale:.3g})")
 
 
 def _with(what: str):
