@@ -46,6 +46,27 @@ def _pick(draw, usual, odd, p_percent):
     return draw(st.sampled_from(odd)) if _rare(draw, p_percent) else usual
 
 
+def fault_picker(draw, kinds, p_broken=40, p_mixed=25):
+    """(broken, bad): bad(p_percent, kind) says whether this case gets a fault of `kind`
+    there (each call a fresh draw). 100 - p_broken percent of the cases are valid calls
+    (with extreme values). Of the broken ones, p_mixed percent get faults of every kind,
+    each with probability p_percent; the others faults of one kind only (each with
+    probability at least 50%), so that the check for that kind is the one that refuses the
+    call, and its message is the one judged, as it would not be behind another check."""
+    if not _rare(draw, p_broken):
+        return False, lambda p_percent, kind: False
+    if _rare(draw, p_mixed):
+        return True, lambda p_percent, kind: _rare(draw, p_percent)
+    focus = draw(st.sampled_from(kinds))
+    return True, lambda p_percent, kind: kind == focus and _rare(draw, max(p_percent, 50))
+
+
+# The kinds of fault operator_specs plants (fault_picker).
+OPERATOR_FAULTS = ("param dtype", "layout", "device", "grad shape", "strides", "grad dtype", "sparse", "state dtype",
+                   "state shape", "aliasing", "step", "lengths", "lr", "beta1", "beta2", "weight_decay", "eps",
+                   "clip", "grad_scale", "found_inf")
+
+
 def dense_strides(shape, order):
     """Strides of a dense tensor whose dims, outermost first, are `order`."""
     strides = [0] * len(shape)
@@ -86,10 +107,7 @@ def operator_specs(draw, backends=tuple(BACKEND_NAMES)):
             "buffers": [], "tensors": [], "steps": [], "lists": {name: [] for name in StepLists._fields},
             "hyper": {}, "edge_safe": True}
     seeds = iter(range(draw(st.integers(0, 2**16)), 2**31))
-    broken = _rare(draw, 40)  # the other cases are valid calls (with extreme values)
-
-    def bad(p_percent):
-        return broken and _rare(draw, p_percent)
+    _, bad = fault_picker(draw, OPERATOR_FAULTS)
 
     def tensor(shape, dtype, layout, kind="randn", scale=1.0, special=(), zeros=0.0, device="cpu"):
         strides, offset, n = layout_of(shape, layout)
@@ -119,32 +137,32 @@ def operator_specs(draw, backends=tuple(BACKEND_NAMES)):
     L = spec["lists"]
     for i in range(n_params):
         shape = tuple(draw(st.sampled_from(LONG_SHAPES))) if _rare(draw, 3) else draw(st.sampled_from(SHAPES))
-        dtype = draw(st.sampled_from(ODD_DTYPES)) if bad(5) else draw(st.sampled_from(PARAM_DTYPES))
-        layout = _pick(draw, "contiguous", LAYOUTS[1:] if broken else ["offset", "channels_last"], 30)
+        dtype = draw(st.sampled_from(ODD_DTYPES)) if bad(5, "param dtype") else draw(st.sampled_from(PARAM_DTYPES))
+        layout = _pick(draw, "contiguous", LAYOUTS[1:] if bad(100, "layout") else ["offset", "channels_last"], 30)
         state_dtype = draw(st.sampled_from(["float32", "bfloat16"]))
-        dev = {k: "meta" if bad(3) else "cpu" for k in StepLists._fields}
+        dev = {k: "meta" if bad(3, "device") else "cpu" for k in StepLists._fields}
         p = tensor(shape, dtype, layout, scale=_pick(draw, 1.0, [0.0, 1e-3, 1e3], 10),
                    special=specials(shape, 5), device=dev["params"])
-        g_shape = shape if not bad(4) else other(SHAPES, shape)
-        g_layout = layout if not bad(10) else other(LAYOUTS, layout)
-        g_dtype = dtype if not bad(4) else other(PARAM_DTYPES + ["float64"], dtype)
+        g_shape = shape if not bad(4, "grad shape") else other(SHAPES, shape)
+        g_layout = layout if not bad(10, "strides") else other(LAYOUTS, layout)
+        g_dtype = dtype if not bad(4, "grad dtype") else other(PARAM_DTYPES + ["float64"], dtype)
         g = tensor(g_shape, g_dtype, g_layout, scale=_pick(draw, 0.1, [0.0, 1e-8, 1e4], 10),
                    special=specials(g_shape, 20), zeros=draw(st.sampled_from([0.0, 0.05, 0.5])), device=dev["grads"])
-        if bad(4):
+        if bad(4, "sparse") and dev["grads"] == "cpu":  # (torch has no sparse meta tensors)
             spec["tensors"][g]["sparse"] = True
-        m_dtype = state_dtype if not bad(4) else other(["float32", "bfloat16", "float16", "float64"],
+        m_dtype = state_dtype if not bad(4, "state dtype") else other(["float32", "bfloat16", "float16", "float64"],
                                                                 state_dtype)
-        s_shape = shape if not bad(3) else other(SHAPES, shape)
-        s_layout = layout if not bad(6) else other(LAYOUTS, layout)
+        s_shape = shape if not bad(3, "state shape") else other(SHAPES, shape)
+        s_layout = layout if not bad(6, "strides") else other(LAYOUTS, layout)
         m = tensor(s_shape, m_dtype, s_layout, scale=0.02, special=specials(s_shape, 3), device=dev["exp_avgs"])
         v = tensor(shape, state_dtype, layout, kind="rand", scale=1e-3, special=specials(shape, 3),
                    device=dev["exp_avg_sqs"])
         # aliasing: an argument in the memory of another one
-        if bad(8):
+        if bad(8, "aliasing"):
             src, dst = draw(st.sampled_from([(p, g), (p, m), (g, v), (m, v), (p, v)]))
             if spec["tensors"][src]["shape"] == spec["tensors"][dst]["shape"]:
                 spec["tensors"][dst] = dict(spec["tensors"][src])
-        if i > 0 and bad(5):  # a whole argument shared with an earlier param
+        if i > 0 and bad(5, "aliasing"):  # a whole argument shared with an earlier param
             k = draw(st.integers(0, i - 1))
             which = draw(st.sampled_from(["params", "grads", "exp_avgs"]))
             earlier = L[which][k]
@@ -155,16 +173,16 @@ def operator_specs(draw, backends=tuple(BACKEND_NAMES)):
                     g = earlier
                 else:
                     m = earlier
-        if i > 0 and bad(4):
+        if i > 0 and bad(4, "aliasing"):
             s = L["steps"][draw(st.integers(0, i - 1))]  # a step shared with an earlier param
         else:
             spec["steps"].append({"value": _pick(draw, 3.0, [0.0, 1.0, 9999.0, 3e6], 20),
-                                  "dtype": draw(st.sampled_from(["float64", "int64", "bfloat16"])) if bad(4) else "float32",
-                                  "shape": [2] if bad(3) else _pick(draw, [], [[1], [1, 1]], 5), "device": dev["steps"]})
+                                  "dtype": draw(st.sampled_from(["float64", "int64", "bfloat16"])) if bad(4, "step") else "float32",
+                                  "shape": [2] if bad(3, "step") else _pick(draw, [], [[1], [1, 1]], 5), "device": dev["steps"]})
             s = len(spec["steps"]) - 1
         for name, t in zip(("params", "grads", "exp_avgs", "exp_avg_sqs", "steps"), (p, g, m, v, s)):
             L[name].append(t)
-    if n_params and bad(3):  # lists of different lengths
+    if n_params and bad(3, "lengths"):  # lists of different lengths
         L[draw(st.sampled_from(list(L)))].pop()
     spec["hyper"] = hyper_spec(draw, bad)
     return spec
@@ -175,44 +193,44 @@ def _scalar(value, dtype="float32", shape=(), device="cpu"):
 
 
 def hyper_spec(draw, bad):
-    """Hyperparameters at their ranges' edges and beyond (bad(p): an invalid value with
-    probability p% in a case that may be broken)."""
+    """Hyperparameters at their ranges' edges and beyond (bad(p, name): an invalid value
+    with probability p%, fault_picker)."""
     nan, inf = float("nan"), float("inf")
 
-    def value(usual, extreme, invalid, p_extreme=15, p_invalid=20):
-        if bad(p_invalid):
+    def value(name, usual, extreme, invalid, p_extreme=15, p_invalid=20):
+        if bad(p_invalid, name):
             return draw(st.sampled_from(invalid))
         return _pick(draw, usual, extreme, p_extreme)
 
     h = {}
-    lr = value(1e-2, [0.0, 1e3, 1e-30, inf, "tensor"], [-1e-3, nan, "tensor"], 25)
+    lr = value("lr", 1e-2, [0.0, 1e3, 1e-30, inf, "tensor"], [-1e-3, nan, "tensor"], 25)
     if lr == "tensor":
-        ok = not bad(50)
+        ok = not bad(50, "lr")
         lr = {"tensor": _scalar(_pick(draw, 1e-2, [0.0, 1.0] if ok else [-1e-2, nan], 30 if ok else 100),
                                 draw(st.sampled_from(["float32", "float64", "bfloat16", "float16", "int64", "bool"]
                                                      + ([] if ok else ["complex64"]))),
                                 _pick(draw, [], [[1], [1, 1]] if ok else [[2]], 20 if ok else 100),
                                 "cpu" if ok or _rare(draw, 50) else "meta")}
     h["lr"] = lr
-    h["beta1"] = value(0.9, [0.0, 0.5, 1 - 1e-7], [1.0, -0.1, nan, 1.5])
-    h["beta2"] = value(0.999, [0.0, 0.9, 1 - 1e-9], [1.0, -0.5, nan])
-    h["weight_decay"] = value(0.1, [0.0, 1e6], [-0.1, nan])
-    h["eps"] = value(1e-8, [1e-45, 1e-30, 1.0, inf], [0.0, -1e-8, nan])
-    h["clip"] = value(0.1, [0.0, 1e-4, 10.0, inf], [-0.1, nan])
+    h["beta1"] = value("beta1", 0.9, [0.0, 0.5, 1 - 1e-7], [1.0, -0.1, nan, 1.5])
+    h["beta2"] = value("beta2", 0.999, [0.0, 0.9, 1 - 1e-9], [1.0, -0.5, nan])
+    h["weight_decay"] = value("weight_decay", 0.1, [0.0, 1e6], [-0.1, nan])
+    h["eps"] = value("eps", 1e-8, [1e-45, 1e-30, 1.0, inf], [0.0, -1e-8, nan])
+    h["clip"] = value("clip", 0.1, [0.0, 1e-4, 10.0, inf], [-0.1, nan])
     h["cautious"] = draw(st.booleans())
     h["maximize"] = draw(st.booleans())
     gs = None
-    if _rare(draw, 20):
+    if _rare(draw, 20) or bad(30, "grad_scale"):
         gs = _scalar(_pick(draw, 1024.0, [0.0, 2.0**-24, -2.0, nan, inf], 40))
-        if bad(30):
+        if bad(30, "grad_scale"):
             gs = draw(st.sampled_from([_scalar(8.0, "float64"), _scalar(8.0, shape=[2]), _scalar(8.0, device="meta")]))
         elif _rare(draw, 10):
             gs = _scalar(8.0, shape=[1])
     h["grad_scale"] = gs
     fi = None
-    if _rare(draw, 10):
+    if _rare(draw, 10) or bad(30, "found_inf"):
         fi = draw(st.sampled_from([_scalar(0.0), _scalar(1.0), _scalar(nan), _scalar(0.0, shape=[1])]))
-        if bad(30):
+        if bad(30, "found_inf"):
             fi = draw(st.sampled_from([_scalar(1.0, "float64"), _scalar(0.0, device="meta")]))
     h["found_inf"] = fi
     return h
