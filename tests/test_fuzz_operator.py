@@ -206,16 +206,19 @@ def hyper_spec(draw, bad):
     lr = value("lr", 1e-2, [0.0, 1e3, 1e-30, inf, "tensor"], [-1e-3, nan, "tensor"], 25)
     if lr == "tensor":
         ok = not bad(50, "lr")
-        lr = {"tensor": _scalar(_pick(draw, 1e-2, [0.0, 1.0] if ok else [-1e-2, nan], 30 if ok else 100),
-                                draw(st.sampled_from(["float32", "float64", "bfloat16", "float16", "int64", "bool"]
-                                                     + ([] if ok else ["complex64"]))),
+        v = _pick(draw, 1e-2, [0.0, 1.0] if ok else [-1e-2, nan], 30 if ok else 100)
+        lr = {"tensor": _scalar(v, draw(st.sampled_from(["float32", "float64", "bfloat16", "float16"]
+                                                        + (["int64", "bool"] if v == v else [])  # (no int NaN)
+                                                        + ([] if ok else ["complex64"]))),
                                 _pick(draw, [], [[1], [1, 1]] if ok else [[2]], 20 if ok else 100),
                                 "cpu" if ok or _rare(draw, 50) else "meta")}
     h["lr"] = lr
     h["beta1"] = value("beta1", 0.9, [0.0, 0.5, 1 - 1e-7], [1.0, -0.1, nan, 1.5])
     h["beta2"] = value("beta2", 0.999, [0.0, 0.9, 1 - 1e-9], [1.0, -0.5, nan])
     h["weight_decay"] = value("weight_decay", 0.1, [0.0, 1e6], [-0.1, nan])
-    h["eps"] = value("eps", 1e-8, [1e-45, 1e-30, 1.0, inf], [0.0, -1e-8, nan])
+    # 2**-149: float32's smallest denormal, exact (a denormal eps that float32 rounds is a known
+    # limit: docs/rule.md, "Non-finite values")
+    h["eps"] = value("eps", 1e-8, [2.0**-149, 1e-30, 1.0, inf], [0.0, -1e-8, nan])
     h["clip"] = value("clip", 0.1, [0.0, 1e-4, 10.0, inf], [-0.1, nan])
     h["cautious"] = draw(st.booleans())
     h["maximize"] = draw(st.booleans())
