@@ -602,11 +602,13 @@ def _param_faults(p: Tensor, g: Tensor | None, implementation: str, index: str) 
         return [Fault("grad unlike its param", [(index, "grad"), ("grad", "dtype"), ("grad", "shape")])]
     if p.dtype == torch.float64 and implementation == "op":
         return [Fault("float64 with implementation='op'", [("float64",)])]
+    # a param may be both: either refusal is right (the optimizer checks overlap first)
+    faults = []
     if p.device.type == "meta":
-        return [Fault("a param with no data", [("meta",)])]
+        faults.append(Fault("a param with no data", [("meta",)]))
     if p.layout == torch.strided and p.numel() and not _no_internal_overlap(p):
-        return [Fault("param with overlapping elements", [("share memory",), (index,)])]
-    return []
+        faults.append(Fault("param with overlapping elements", [("share memory",), (index,)]))
+    return faults
 
 
 def _no_internal_overlap(t: Tensor) -> bool:

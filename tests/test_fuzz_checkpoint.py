@@ -20,7 +20,7 @@ from fuzz_support import cases_asked, run_fuzz
 from test_fuzz_operator import _rare, layout_of
 
 BACKEND_NAMES = [b.name for b in T.BACKENDS if b.device == "cpu" and b.missing() is None]
-CI_CASES = 150  # measured: tests/test_fuzz_checkpoint.py adds about 25 s on a 2-core machine
+CI_CASES = 600  # measured: tests/test_fuzz_checkpoint.py adds about 10 s on a 2-core machine
 SHAPES = [(), (7,), (3, 5), (4, 2, 3, 3), (0,)]
 NAN = float("nan")
 

@@ -26,7 +26,7 @@ from neptune_ext.ops import StepLists
 from fuzz_support import cases_asked, run_fuzz
 
 BACKEND_NAMES = [b.name for b in T.BACKENDS if b.is_op and b.device == "cpu" and b.missing() is None]
-CI_CASES = 400  # measured: tests/test_fuzz_operator.py adds about 40 s on a 2-core machine
+CI_CASES = 2000  # measured: tests/test_fuzz_operator.py adds about 25 s on a 2-core machine
 
 SHAPES = [(), (1,), (7,), (0,), (33,), (1, 5), (5, 1), (3, 7), (4, 17), (6, 5, 3, 3), (2, 3, 1, 4), (3, 0, 2),
           (1031,), (5, 1031)]

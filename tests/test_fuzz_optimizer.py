@@ -20,12 +20,15 @@ from neptune_ext import fuzzing
 from neptune_ext import testing as T
 
 from fuzz_support import cases_asked, run_fuzz
-from test_fuzz_operator import SHAPES, _pick, _rare, layout_of
+from test_fuzz_operator import SHAPES, _pick, _rare, fault_picker, layout_of
 
 BACKEND_NAMES = [b.name for b in T.BACKENDS if b.device == "cpu" and b.missing() is None]
-CI_CASES = 150  # measured: tests/test_fuzz_optimizer.py adds about 35 s on a 2-core machine
+CI_CASES = 600  # measured: tests/test_fuzz_optimizer.py adds about 10 s on a 2-core machine
 LAYOUTS = ["contiguous", "offset", "channels_last", "transposed", "sliced", "rows-sliced"]
 NAN, INF = float("nan"), float("inf")
+# The kinds of fault optimizer_specs plants (test_fuzz_operator.fault_picker).
+OPTIMIZER_FAULTS = ("lr", "betas", "eps", "weight_decay", "clip", "flags", "param dtype", "layout", "grad dtype",
+                    "grad shape", "sparse", "param twice", "set later")
 
 
 def _scalar(value, dtype="float32", shape=(), device="cpu"):
@@ -34,11 +37,11 @@ def _scalar(value, dtype="float32", shape=(), device="cpu"):
 
 def _hyper(draw, bad):
     """Settings for Neptune(...) or one group: each, now and then, at its range's edge, or
-    beyond it (bad(p): with probability p% in a case that may be broken)."""
+    beyond it (bad(p, kind): fault_picker)."""
     h = {}
 
     def value(key, p_set, usual, extreme, invalid):
-        if bad(8):
+        if bad(8, "flags" if key in ("cautious", "maximize", "skip_nonfinite") else key):
             h[key] = draw(st.sampled_from(invalid))
         elif _rare(draw, p_set):
             h[key] = _pick(draw, usual, extreme, 30)
@@ -61,10 +64,7 @@ def optimizer_specs(draw, backends=tuple(BACKEND_NAMES)):
     backend = draw(st.sampled_from(backends))
     implementation = "reference" if backend == "reference" else draw(st.sampled_from(["auto", "op"]))
     seeds = iter(range(draw(st.integers(0, 2**16)), 2**31))
-    broken = _rare(draw, 40)  # the other cases are valid (with extreme values)
-
-    def bad(p_percent):
-        return broken and _rare(draw, p_percent)
+    _, bad = fault_picker(draw, OPTIMIZER_FAULTS)
 
     n_params = draw(st.integers(1, 4))
     n_steps = draw(st.integers(1, 2))
@@ -83,8 +83,8 @@ def optimizer_specs(draw, backends=tuple(BACKEND_NAMES)):
 
     for i in range(n_params):
         shape = draw(st.sampled_from(SHAPES))
-        dtype = "complex64" if bad(4) else draw(st.sampled_from(["float32", "bfloat16", "float16", "float64"]))
-        layout = "expanded" if bad(5) else _pick(draw, "contiguous", LAYOUTS[1:], 35)
+        dtype = "complex64" if bad(4, "param dtype") else draw(st.sampled_from(["float32", "bfloat16", "float16", "float64"]))
+        layout = "expanded" if bad(5, "layout") else _pick(draw, "contiguous", LAYOUTS[1:], 35)
         device = _pick(draw, "cpu", ["meta"], 3)
         params.append({**tensor(shape, dtype, layout, device), "param": True})
         for k in range(n_steps):
@@ -92,9 +92,9 @@ def optimizer_specs(draw, backends=tuple(BACKEND_NAMES)):
                 grads[k].append(None)
                 continue
             g_shape, g_dtype = shape, dtype
-            if bad(5):
+            if bad(5, "grad dtype"):
                 g_dtype = draw(st.sampled_from([d for d in ("float32", "bfloat16", "float64") if d != dtype]))
-            if bad(4):
+            if bad(4, "grad shape"):
                 g_shape = draw(st.sampled_from([s for s in SHAPES if s != shape]))
             n = math.prod(g_shape)
             special = ()
@@ -102,7 +102,7 @@ def optimizer_specs(draw, backends=tuple(BACKEND_NAMES)):
                 special = [(draw(st.integers(0, n - 1)), draw(st.sampled_from(["nan", "inf", "-inf"])))]
             g = tensor(g_shape, g_dtype, _pick(draw, "contiguous", LAYOUTS[1:] + ["expanded"], 30), device,
                        scale=0.1, special=special, zeros=draw(st.sampled_from([0.0, 0.05])))
-            if bad(4) and device == "cpu":
+            if bad(4, "sparse") and device == "cpu":
                 g = {**tensor(shape, dtype, "contiguous", device, scale=0.1), "sparse": True}
             grads[k].append(g)
     # groups: a partition of the params, in order
@@ -111,13 +111,14 @@ def optimizer_specs(draw, backends=tuple(BACKEND_NAMES)):
     groups = []
     for a, b in zip(bounds, bounds[1:]):
         groups.append({"params": list(range(a, b)), **_hyper(draw, bad)})
-    if bad(5) and n_params > 1:  # the same param twice in a group
+    if bad(5, "param twice") and n_params > 1:  # the same param twice in a group
         groups[0]["params"].append(groups[0]["params"][0])
     defaults = {**_hyper(draw, bad), "implementation": implementation}
     after_init = []
-    if _rare(draw, 15):
+    later_bad = bad(100, "set later")
+    if _rare(draw, 15) or later_bad:
         changes = [("lr", 0.5), ("lr", 0.0), ("clip", 0.0), ("cautious", False), ("betas", (0.5, 0.9))]
-        if broken:
+        if later_bad:
             changes += [("lr", -1.0), ("lr", NAN), ("lr", _scalar(-1.0)), ("betas", (1.0, 0.5)), ("clip", -1.0),
                         ("weight_decay", NAN), ("eps", 0.0)]
         key, value = draw(st.sampled_from(changes))
