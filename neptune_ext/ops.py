@@ -222,17 +222,41 @@ def neptune_step_simt_(
     )
 
 
-if HAS_CPU_EXT:
-    # In-place op with no outputs: its fake (meta) implementation has nothing to compute.
-    @torch.library.register_fake(OP_NAME)
-    def _neptune_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2,
-                           weight_decay, eps, clip, cautious, maximize, grad_scale=None, found_inf=None):
-        return None
+def _check_devices(params, grads, exp_avgs, exp_avg_sqs, steps, lr, grad_scale, found_inf) -> None:
+    """The devices of a call that reaches the fake (meta) implementation: the device
+    rules of csrc/args.h, as the kernels would refuse them. One meta tensor sends a whole
+    call here, so a meta tensor among CPU or CUDA ones is refused here, not computed as
+    nothing."""
+    lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    if any(len(lst) != len(params) for lst in lists):
+        raise RuntimeError("neptune_step_: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length, "
+                           f"got {', '.join(str(len(lst)) for lst in lists)}")
+    for i, tensors in enumerate(zip(*lists)):
+        devices = [t.device for t in tensors]
+        if any(d != devices[0] for d in devices):
+            raise RuntimeError(f"neptune_step_: params[{i}], its grad, exp_avg, exp_avg_sq and step must all be on one "
+                               f"device; got {', '.join(map(str, devices))}")
+        if devices[0] != params[0].device:
+            raise RuntimeError(f"neptune_step_: all params must be on one device, got {params[0].device} and "
+                               f"{devices[0]} (params[{i}]); call once per device")
+    device = params[0].device if params else None
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and device is not None and t.device != device:
+            raise RuntimeError(f"neptune_step_: {name} must be on the params' device {device}, got {t.device}")
+    if isinstance(lr, Tensor) and device is not None and lr.device not in (device, torch.device("cpu")):
+        raise RuntimeError(f"neptune_step_: lr must be a float, or a tensor on the CPU or on the params' device "
+                           f"{device}, got {lr.device}")
 
-    @torch.library.register_fake(OP_NAME + ".tensor_lr")
-    def _neptune_step_tensor_lr_fake(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2,
-                                     weight_decay, eps, clip, cautious, maximize, grad_scale=None, found_inf=None):
-        return None
+
+if HAS_CPU_EXT:
+    # In-place ops with no outputs: their fake (meta) implementations compute nothing.
+    def _neptune_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, weight_decay, eps,
+                           clip, cautious, maximize, grad_scale=None, found_inf=None, schedule=0):
+        _check_devices(params, grads, exp_avgs, exp_avg_sqs, steps, lr, grad_scale, found_inf)
+
+    for _name in (OP_NAME, OP_NAME + ".tensor_lr", "neptune_ext::_neptune_step_simt_",
+                  "neptune_ext::_neptune_step_simt_.tensor_lr"):
+        torch.library.register_fake(_name)(_neptune_step_fake)
 
 
 def require_kernel() -> bool:

@@ -1,6 +1,7 @@
 """Neptune as a torch.optim.Optimizer: groups tensors and calls the fused operator."""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -29,12 +30,16 @@ def _check_range(name: str, value: Any, ok: bool, valid: str) -> None:
         raise ValueError(f"Neptune: invalid {name}={value!r}; valid range: {valid}")
 
 
-def validate_hyperparameters(group: dict) -> None:
-    """Raise ValueError naming the parameter, its value and the valid range."""
+def validate_hyperparameters(group: dict, read_device_lr: bool = True) -> None:
+    """Raise ValueError naming the parameter, its value and the valid range.
+
+    read_device_lr=False (at every step): the value of an lr tensor off the CPU is not
+    read (that would wait for the device, and cannot be done in a CUDA graph capture)."""
     lr = group["lr"]
     if isinstance(lr, Tensor):
-        _check_range("lr", lr, lr.numel() == 1 and lr.is_floating_point(), "a float or a one-element float tensor >= 0")
-        lr_value = float(lr)
+        _check_range("lr", lr, lr.numel() == 1 and lr.is_floating_point() and lr.device.type != "meta",
+                     "a float or a one-element float tensor >= 0 (with a value: not on the meta device)")
+        lr_value = float(lr) if read_device_lr or lr.device.type == "cpu" else 0.0
     else:
         lr_value = lr
     _check_range("lr", lr, isinstance(lr_value, (int, float)) and lr_value >= 0, ">= 0")
@@ -163,6 +168,17 @@ class Neptune(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         validate_hyperparameters({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):  # torch refuses a set itself
+            param_group["params"] = params = list(params)
+            seen: dict[int, int] = {}
+            for i, p in enumerate(params):
+                j = seen.setdefault(id(p), i)
+                if j != i:
+                    # one op call would write it twice (refused there), the reference step it twice
+                    raise ValueError(f"Neptune: invalid params: the same param at positions {j} and {i} of a "
+                                     "param group; valid range: each param once (torch.optim warns of this and "
+                                     "will refuse it)")
         if "state_dtype" in param_group:
             param_group["state_dtype"] = state_dtype_name(param_group["state_dtype"])
         super().add_param_group(param_group)
@@ -196,8 +212,9 @@ class Neptune(Optimizer):
         the step to write back. (step() wraps the lists in StepLists.)
         """
         # Per param and step this loop costs about 1 us (10,000 params: 10 ms): cheap checks
-        # first. Autograd and the .grad setter already keep grads to the param's dtype,
-        # device and shape.
+        # first. Autograd and the .grad setter keep grads to the param's dtype, device and
+        # shape; code that writes p.grad.data need not, and the first group must not be
+        # stepped before a later one is refused (0.3 us per param for these two checks).
         implementation = group["implementation"]
         sdt = STATE_DTYPES[group["state_dtype"]]
         kernel = StepLists(params, grads, exp_avgs, exp_avg_sqs, steps)
@@ -209,6 +226,11 @@ class Neptune(Optimizer):
             if grad.layout is not torch.strided:
                 raise RuntimeError("Neptune does not support sparse gradients (use dense gradients, e.g. sparse=False in nn.Embedding)")
             dtype = p.dtype
+            if grad.dtype is not dtype or grad.shape != p.shape:
+                raise RuntimeError(
+                    f"Neptune: a param of dtype {dtype} and shape {tuple(p.shape)} has a grad of dtype {grad.dtype} "
+                    f"and shape {tuple(grad.shape)}; a grad must have its param's dtype and shape (as autograd "
+                    "and the .grad setter keep it; was p.grad.data set?)")
             lists = kernel
             if dtype not in SUPPORTED_DTYPES:
                 if dtype.is_complex:
@@ -237,6 +259,8 @@ class Neptune(Optimizer):
                 for key in ("exp_avg", "exp_avg_sq"):  # e.g. after model.to(memory_format=...)
                     state[key] = _new_state(p, state[key].dtype, spans).copy_(state[key])
             p_step = p
+            if not spans or (lists is exact and not _units_are_spans(p)):
+                _check_distinct_elements(p)
             if not spans:
                 p_step = _new_state(p, p.dtype, False).copy_(p.detach())
                 scratch_params.append(p)
@@ -263,7 +287,26 @@ class Neptune(Optimizer):
           optimizer was built: they say how this process steps, not what it computes.
           Groups lacking Neptune's keys (an AdamW checkpoint) take this optimizer's
           defaults; everything else (lr, betas, clip, ...) comes from the checkpoint.
+
+        A state dict that cannot be loaded as it is meant is refused with a ValueError or
+        TypeError naming what is wrong, and the optimizer is left as it was: one that is
+        not a dict with ``state`` and ``param_groups``, other numbers of groups or params,
+        hyperparameters out of range, AMSGrad's (``amsgrad=True``, ``max_exp_avg_sq``:
+        Neptune has no AMSGrad), a param's state lacking one of ``step``, ``exp_avg`` and
+        ``exp_avg_sq`` or holding other keys, a ``step`` that is not a finite count >= 0,
+        moments that are not real floating-point tensors of the param's shape with values
+        (the meta device has none). A param with no entry, or an empty one, starts afresh.
         """
+        _check_state_dict(state_dict, self.param_groups, self.defaults)
+        was = (self.state, self.param_groups)
+        try:
+            self._load_checked_state_dict(state_dict)
+        except BaseException:
+            # Optimizer.load_state_dict builds new state and groups, leaving these as they were
+            self.state, self.param_groups = was
+            raise
+
+    def _load_checked_state_dict(self, state_dict: dict) -> None:
         saved = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         runtime = [{k: g[k] for k in _RUNTIME_KEYS if k in g} for g in self.param_groups]
@@ -278,9 +321,9 @@ class Neptune(Optimizer):
                 continue
             spans = distributed.is_dtensor(p) or p.dtype in EXACT_DTYPES or _units_are_spans(p)
             for key, value in saved[saved_id].items():
-                if key == "step" and isinstance(value, (Tensor, int, float)):
+                if key == "step":
                     self.state[p][key] = torch.as_tensor(value).to(device=p.device, dtype=torch.float32, copy=True).reshape(())
-                elif key in ("exp_avg", "exp_avg_sq") and isinstance(value, Tensor):
+                else:  # exp_avg, exp_avg_sq (checked)
                     dtype = _state_dtype_of(p, STATE_DTYPES[group["state_dtype"]])
                     self.state[p][key] = _new_state(p, dtype, spans).copy_(value)
 
@@ -297,7 +340,8 @@ class Neptune(Optimizer):
             f"({ops.describe_build()}); {ops.REBUILD_HINT}."
         )
         if implementation == "op" or group.get("fused") or ops.require_kernel():
-            raise RuntimeError(message + f" ({ops.REQUIRE_KERNEL_ENV}=1, implementation='op' or fused=True forbids the fallback)")
+            raise RuntimeError(message + f" ({ops.REQUIRE_KERNEL_ENV}=1, implementation='op' or fused=True forbids the "
+                               "fallback: they need a compiled kernel for the params' device)")
         if device.type not in _warned_devices:
             _warned_devices.add(device.type)
             warnings.warn(
@@ -327,6 +371,9 @@ class Neptune(Optimizer):
             self._init_group(group, *lists, *exact, *scratch)
             if not lists.params and not exact.params:
                 continue
+            # Set since construction (by a scheduler or by hand): checked before any group is
+            # stepped, whichever implementation steps it.
+            validate_hyperparameters(group, read_device_lr=False)
             hyper = dict(
                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                 weight_decay=group["weight_decay"], eps=group["eps"], clip=group["clip"],
@@ -334,8 +381,13 @@ class Neptune(Optimizer):
             )
             local, whole = distributed.split_dtensors(lists)
             steppers.append((group, hyper, _buckets_by_device(local), whole, exact, scratch))
-        # Kernel availability (which may raise) before anything is written.
-        for group, _, buckets, _, _, _ in steppers:
+        # Devices and kernel availability (which may raise) before anything is written.
+        for group, _, buckets, _, exact, _ in steppers:
+            for device in [d for d, _ in buckets] + [p.device for p in exact.params]:
+                if device.type == "meta":
+                    raise RuntimeError("Neptune: a param on the meta device has a grad; a param must be on a "
+                                       "device with data to be stepped (materialize it first, e.g. "
+                                       "module.to_empty(device=...))")
             for device, _ in buckets:
                 self._use_op(device, group)
         for group, hyper, buckets, whole, exact, scratch in steppers:
@@ -421,6 +473,92 @@ def _device_kwargs(device, hyper, grad_scale, found_inf) -> dict:
     return dict(hyper, lr=lr, grad_scale=scale, found_inf=inf)
 
 
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _check_state_dict(state_dict: Any, groups: list[dict], defaults: dict) -> None:
+    """Refuses (ValueError / TypeError naming it) what Neptune.load_state_dict cannot load
+    as it is meant, before anything changes (see there)."""
+    where = "Neptune.load_state_dict:"
+    if not isinstance(state_dict, dict) or not all(k in state_dict for k in ("state", "param_groups")):
+        what = type(state_dict).__name__ if not isinstance(state_dict, dict) else \
+            f"a dict lacking {[k for k in ('state', 'param_groups') if k not in state_dict]}"
+        raise ValueError(f"{where} got {what}; expected a dict with 'state' and 'param_groups' "
+                         "(as Optimizer.state_dict() returns)")
+    saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+    if not isinstance(saved_state, dict):
+        raise TypeError(f"{where} 'state' is a {type(saved_state).__name__}; expected a dict of param id to state")
+    if not isinstance(saved_groups, (list, tuple)) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in saved_groups):
+        raise TypeError(f"{where} 'param_groups' must be a list of dicts, each with a list 'params'")
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"{where} the state dict has {len(saved_groups)} param groups, this optimizer "
+                         f"{len(groups)}; they must match")
+    for gi, (saved, group) in enumerate(zip(saved_groups, groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"{where} param group {gi} has {len(saved['params'])} params in the state dict, "
+                             f"{len(group['params'])} in this optimizer; they must match")
+        if saved.get("amsgrad", False) is not False:
+            raise ValueError(f"{where} param group {gi} has amsgrad={saved['amsgrad']!r}; valid range: False or "
+                             "absent (Neptune has no AMSGrad variant)")
+        merged = {**defaults, **{k: v for k, v in saved.items() if k != "params"},
+                  **{k: group[k] for k in _RUNTIME_KEYS if k in group}}
+        try:
+            validate_hyperparameters(merged)
+        except ValueError as e:
+            raise ValueError(f"{where} param group {gi}: {e}") from None
+        for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+            entry = saved_state.get(pid)
+            if entry is None:
+                continue
+            what = f"{where} the state of param {pi} of group {gi} (id {pid})"
+            if not isinstance(entry, dict):
+                raise TypeError(f"{what} is a {type(entry).__name__}; expected a dict")
+            if not entry:
+                continue
+            extra = [k for k in entry if k not in _STATE_KEYS]
+            missing = [k for k in _STATE_KEYS if k not in entry]
+            if extra or missing:
+                raise ValueError(f"{what} has keys {sorted(map(str, entry))}: "
+                                 + (f"{', '.join(map(repr, missing))} missing; " if missing else "")
+                                 + (f"{', '.join(map(repr, extra))} unknown to Neptune (AMSGrad's max_exp_avg_sq?); "
+                                    if extra else "")
+                                 + "valid: exactly 'step', 'exp_avg' and 'exp_avg_sq' (or an empty entry)")
+            _check_step_value(entry["step"], what)
+            for key in ("exp_avg", "exp_avg_sq"):
+                v = entry[key]
+                if not isinstance(v, Tensor):
+                    raise TypeError(f"{what}: {key} is a {type(v).__name__}; expected a tensor")
+                if not v.is_floating_point():
+                    raise TypeError(f"{what}: {key} has dtype {v.dtype}; expected a real floating-point tensor")
+                if v.shape != p.shape:
+                    raise ValueError(f"{what}: {key} has shape {tuple(v.shape)}; expected the param's "
+                                     f"{tuple(p.shape)}")
+                if v.device.type == "meta" and p.device.type != "meta":
+                    raise ValueError(f"{what}: {key} is on the meta device (no values); expected a tensor with "
+                                     "values")
+
+
+def _check_step_value(step: Any, what: str) -> None:
+    ok_type = (isinstance(step, (int, float)) and not isinstance(step, bool)) or (
+        isinstance(step, Tensor) and step.numel() == 1 and step.dtype != torch.bool and not step.is_complex()
+        and step.device.type != "meta")
+    if not ok_type:
+        raise TypeError(f"{what}: step is {step!r}; expected a number or a one-element real tensor with a value")
+    value = float(step)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what}: step is {value}; valid range: a finite count >= 0")
+
+
+def _check_distinct_elements(p: Tensor) -> None:
+    """A param with a stride of 0 (expand()) has elements that share memory: writing its new
+    values would fail, after its state (and other params) were written."""
+    if any(st == 0 and n > 1 for st, n in zip(p.stride(), p.shape)):
+        raise RuntimeError(
+            f"Neptune: a param of shape {tuple(p.shape)} has strides {p.stride()}: elements that share memory "
+            "(a stride of 0, as expand() gives); a param's elements must be distinct to be stepped (clone() it)")
+
+
 def _is_dense(t: Tensor) -> bool:
     """Non-overlapping and dense: the elements fill one span of memory, in any dim order."""
     expected = 1
@@ -487,9 +625,12 @@ def _nonfinite_flags(grads_by_device, found_inf):
     flags = {}
     for device, grads in grads_by_device:
         flag = flags.setdefault(device, torch.zeros(1, dtype=torch.float32, device=device))
-        # Only checks here (an inverse scale of 1 leaves the grads as they are).
+        # Only checks here (an inverse scale of 1 leaves the grads as they are), but it
+        # writes them: a grad with a stride of 0 (expand()) would be refused, so it is
+        # checked in a copy.
+        grads = [g.clone() if 0 in g.stride() else g for g in grads]
         torch._amp_foreach_non_finite_check_and_unscale_(
-            list(grads), flag, torch.ones(1, dtype=torch.float32, device=device)
+            grads, flag, torch.ones(1, dtype=torch.float32, device=device)
         )
     total = sum(f.to(next(iter(flags)), non_blocking=True) for f in flags.values())
     if found_inf is not None:

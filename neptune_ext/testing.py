@@ -136,12 +136,19 @@ def _assert_16bit_close(actual: Tensor, expected: Tensor, what: str) -> None:
     # against lr * u, or a moment against the new gradient term), where one float32
     # rounding of the operands is many 16-bit ulps of the result: those must be as close
     # in absolute terms as float32 values would have to be, and rare.
+    # (Rare: under 0.1% of the elements, or one in a tensor of under 1,000 elements.)
     far = ulp_diff(actual, expected) > 1
     if far.any():
         scale = expected.double().pow(2).mean().sqrt().item()
         worst = (actual[far].double() - expected[far].double()).abs().max().item()
-        assert worst <= 1e-5 * scale + 1e-30 and far.float().mean() < 1e-3, (
-            f"{what}: {int(far.sum())} elements > 1 ulp apart, up to {worst:.3g} (rms {scale:.3g})")
+        n_far = int(far.sum())
+        assert worst <= 1e-5 * scale + 1e-30 and (n_far == 1 or n_far < 1e-3 * far.numel()), (
+            f"{what}: {n_far} elements > 1 ulp apart, up to {worst:.3g} (rms {scale:.3g})")
+
+
+def _with(what: str):
+    """assert_close's message prefixed with `what` (a plain msg would replace its figures)."""
+    return (lambda message: f"{what}: {message}") if what else None
 
 
 def assert_param_close(actual: Tensor, expected: Tensor, what: str = "") -> None:
@@ -155,7 +162,7 @@ def assert_param_close(actual: Tensor, expected: Tensor, what: str = "") -> None
         _assert_16bit_close(actual, expected, what)
     else:
         scale = expected.double().pow(2).mean().sqrt().item()
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale, msg=what or None)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale, msg=_with(what))
 
 
 def assert_state_close(actual: Tensor, expected: Tensor, what: str = "") -> None:
@@ -165,7 +172,7 @@ def assert_state_close(actual: Tensor, expected: Tensor, what: str = "") -> None
     if actual.numel() == 0:
         return
     scale = expected.double().pow(2).mean().sqrt().item()
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale + 1e-30, msg=what or None)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale + 1e-30, msg=_with(what))
 
 
 def assert_bf16_state_close(actual: Tensor, expected: Tensor, what: str = "") -> None:
@@ -178,7 +185,11 @@ def assert_bf16_state_close(actual: Tensor, expected: Tensor, what: str = "") ->
     if actual.numel() == 0:
         return
     _assert_16bit_close(actual, expected, what)
-    assert (actual == expected).float().mean() > 0.99, "rounding bits differ: " + what
+    # One element may differ in any tensor: two float32 moments a rounding apart straddle a
+    # rounding boundary now and then (about one element in 10^4 to 10^5), so "99%" alone
+    # would fail tensors of under 100 elements by chance.
+    differ = int((actual != expected).sum())
+    assert differ <= max(1, actual.numel() // 100), f"rounding bits differ in {differ} elements: " + what
 
 
 def assert_nonfinite_close(actual: Tensor, expected: Tensor, what: str = "") -> None:
@@ -266,6 +277,8 @@ def _env(name: str, value: str | None):
 
 def _twin(t: Tensor) -> Tensor:
     """A copy of t at the same offset into a fresh buffer: the same 16-byte alignment."""
+    if t.layout != torch.strided:  # a sparse grad (to be refused): as it is
+        return t.clone()
     extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 1
     buf = torch.empty(t.storage_offset() + extent, dtype=t.dtype, device=t.device)
     return buf.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(t)

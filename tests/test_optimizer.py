@@ -348,3 +348,124 @@ def test_tensor_lr_survives_a_state_dict_round_trip():
     assert isinstance(opt2.param_groups[0]["lr"], torch.Tensor)
     assert opt2.param_groups[0]["lr"].item() == pytest.approx(2e-3)
     opt2.step()
+
+
+# -- found by tests/test_fuzz_optimizer.py --------------------------------------------------------
+
+
+def _two_groups(impl):
+    a, b = _params()[:2]
+    opt = Neptune([{"params": [a]}, {"params": [b]}], lr=1e-2, implementation=impl)
+    _set_grads([a, b], 0)
+    opt.step()  # state exists
+    _set_grads([a, b], 1)
+    return a, b, opt
+
+
+def _frozen(opt, params):
+    return [p.detach().clone() for p in params] + [t.clone() for p in params for t in opt.state[p].values()]
+
+
+def _assert_frozen(before, opt, params):
+    now = _frozen(opt, params)
+    assert all(torch.equal(x, y) for x, y in zip(before, now)), "a refused step wrote"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("key, value, name", [("lr", -1.0, "lr"), ("lr", float("nan"), "lr"),
+                                              ("lr", torch.tensor(-1.0), "lr"), ("betas", (1.0, 0.5), r"betas\[0\]"),
+                                              ("clip", -1.0, "clip"), ("weight_decay", float("nan"), "weight_decay")])
+def test_hyperparameters_set_after_construction_are_checked_before_any_group_steps(impl, key, value, name):
+    """Set on a group by a scheduler or by hand: the operator refused them only when it
+    reached that group (the first one was stepped already), the reference stepped them."""
+    a, b, opt = _two_groups(impl)
+    opt.param_groups[1][key] = value
+    before = _frozen(opt, [a, b])
+    with pytest.raises(ValueError, match=f"invalid {name}=.*valid range"):
+        opt.step()
+    _assert_frozen(before, opt, [a, b])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", ["dtype", "shape"])
+def test_a_grad_unlike_its_param_is_refused_before_any_group_steps(impl, bad):
+    """A grad of another dtype (p.grad_dtype = None allows one) or shape (through .data):
+    the operator refused it when it reached that group, the reference broadcast it."""
+    a, b, opt = _two_groups(impl)
+    if bad == "dtype":
+        b.grad_dtype = None
+        b.grad = b.grad.double()
+    else:
+        b.grad.data = torch.randn(b.shape[0] + 2)
+    before = _frozen(opt, [a, b])
+    with pytest.raises(RuntimeError, match="a grad must have its param's dtype and shape"):
+        opt.step()
+    _assert_frozen(before, opt, [a, b])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_expanded_param_is_refused_before_anything_is_written(dtype):
+    """Its new values could not be written back: that failed after its state (and the
+    other params) had been written."""
+    a = nn.Parameter(torch.randn(3, 4, dtype=dtype))
+    e = nn.Parameter(torch.randn(3, 1, dtype=dtype).expand(3, 4))
+    opt = Neptune([a, e])
+    a.grad, e.grad = torch.randn(3, 4, dtype=dtype), torch.randn(3, 4, dtype=dtype)
+    before = [a.detach().clone(), e.detach().clone()]
+    with pytest.raises(RuntimeError, match="share memory.*must be distinct"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(e, before[1])
+    assert all(float(opt.state[p]["step"]) == 0 for p in opt.state)
+
+
+def test_a_param_twice_in_a_group_is_refused():
+    """The operator would be asked to write it twice in one call (refused there, mid-step),
+    the reference stepped it twice."""
+    a, b = _params()[:2]
+    with pytest.raises(ValueError, match="the same param at positions 0 and 2 of a param group"):
+        Neptune([a, b, a])
+    opt = Neptune([b])
+    with pytest.raises(ValueError, match="the same param"):
+        opt.add_param_group({"params": [a, a]})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_meta_param_is_refused_before_anything_is_written():
+    """Its grad has no values: with skip_nonfinite its flag could not be read, and stepping
+    it computed nothing."""
+    a = nn.Parameter(torch.randn(3, 4))
+    m = nn.Parameter(torch.empty(3, 4, device="meta"))
+    a.grad, m.grad = torch.randn(3, 4), torch.empty(3, 4, device="meta")
+    opt = Neptune([{"params": [a]}, {"params": [a.new_empty(0).requires_grad_(), m], "skip_nonfinite": True}])
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="meta device.*must be on a device with data"):
+        opt.step()
+    assert torch.equal(a, before)
+
+
+def test_skip_nonfinite_with_an_expanded_grad():
+    """The non-finite check writes the grads it checks: a grad with a stride of 0 (of a
+    float64 param, whose grad is not copied to the param's layout) was refused by torch
+    there, after the groups before it had been stepped."""
+    a, b = _params()[0], _params(dtype=torch.float64)[1]
+    opt = Neptune([{"params": [a]}, {"params": [b], "skip_nonfinite": True}])
+    a.grad = torch.randn(a.shape)
+    b.grad = torch.randn(1, dtype=b.dtype).expand(b.shape)
+    twin_a, twin_b = nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone())
+    twin = Neptune([{"params": [twin_a]}, {"params": [twin_b], "skip_nonfinite": True}])
+    twin_a.grad, twin_b.grad = a.grad.clone(), b.grad.contiguous()
+    opt.step()
+    twin.step()
+    assert torch.equal(a, twin_a) and torch.equal(b, twin_b)
+
+
+def test_a_grad_whose_size_one_dims_have_other_strides():
+    """(1, 5) param, grad from a transposed (5, 1) tensor (strides (1, 1)): the operator
+    refused it ("strides must match") though the memory layout is the same."""
+    p = nn.Parameter(torch.randn(1, 5))
+    q = nn.Parameter(p.detach().clone())
+    p.grad = torch.randn(5, 1).t()
+    q.grad = p.grad.contiguous()
+    Neptune([p], implementation="op").step()
+    Neptune([q], implementation="op").step()
+    assert torch.equal(p, q)

@@ -72,6 +72,24 @@ void step_simt_tensor_lr(at::TensorList params, at::TensorList grads, at::Tensor
                  found_inf, schedule);
 }
 
+void step_simt_without_kernel(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
+                              double weight_decay, double eps, double clip, bool cautious, bool maximize,
+                              const std::optional<at::Tensor>& /*grad_scale*/,
+                              const std::optional<at::Tensor>& /*found_inf*/, int64_t /*schedule*/) {
+  check_call_without_kernel(params, grads, exp_avgs, exp_avg_sqs, steps,
+                            Hyper{lr, beta1, beta2, weight_decay, eps, clip, cautious, maximize});
+}
+
+void step_simt_tensor_lr_without_kernel(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                        at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& /*lr*/,
+                                        double beta1, double beta2, double weight_decay, double eps, double clip,
+                                        bool cautious, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                                        const std::optional<at::Tensor>& found_inf, int64_t schedule) {
+  step_simt_without_kernel(params, grads, exp_avgs, exp_avg_sqs, steps, 0.0, beta1, beta2, weight_decay, eps, clip,
+                           cautious, maximize, grad_scale, found_inf, schedule);
+}
+
 }  // namespace
 
 // Tables uploaded so far by the emulated backend (debug_ops.cpp reports it).
@@ -81,6 +99,12 @@ TORCH_LIBRARY_FRAGMENT(neptune_ext, m) {
   m.def("_neptune_step_simt_(" NEPTUNE_STEP_ARGS "float lr, " NEPTUNE_STEP_KWARGS ", int schedule=0) -> ()");
   m.def("_neptune_step_simt_.tensor_lr(" NEPTUNE_STEP_ARGS "Tensor lr, " NEPTUNE_STEP_KWARGS
         ", int schedule=0) -> ()");
+}
+
+// Calls with no tensors (see check_call_without_kernel).
+TORCH_LIBRARY_IMPL(neptune_ext, CompositeExplicitAutograd, m) {
+  m.impl("_neptune_step_simt_", &step_simt_without_kernel);
+  m.impl("_neptune_step_simt_.tensor_lr", &step_simt_tensor_lr_without_kernel);
 }
 
 TORCH_LIBRARY_IMPL(neptune_ext, CPU, m) {
