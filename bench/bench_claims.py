@@ -219,27 +219,24 @@ MEMORY_ARMS = ["none", "sgd", "adamw", "neptune", "neptune bf16 state"]
 
 
 def memory_child(spec: dict) -> dict:
-    """In a fresh process: a model, ``steps`` training steps of one arm ("none": no optimizer),
+    """In a fresh process: a model, 3 training steps of one arm ("none": SGD without momentum, which keeps no state),
     then the optimizer state's bytes and the process's peak resident memory."""
     torch.set_num_threads(1)
     arch, width, batch = MEMORY_MODELS[spec["model"]]
     model = lib.make_model(arch, 10, 1, 28, width).to(memory_format=torch.channels_last)
-    opt = None
-    if spec["arm"] != "none":
+    if spec["arm"] == "none":  # the baseline: an optimizer's machinery (torch.optim imports torch._dynamo) without state
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    else:
         a = P.ARMS[spec["arm"]]
         opt = lib.make_optimizer(a["optimizer"], model, 1e-3, state_dtype=a.get("state_dtype", "float32"))
     x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     for _ in range(3):
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=False)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
     n_params = sum(p.numel() for p in model.parameters())
-    state = 0
-    if opt is not None:
-        for st in opt.state.values():
-            state += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
     return dict(model=spec["model"], arm=spec["arm"], params=n_params, state_bytes=state,
                 state_bytes_per_param=state / n_params, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 

@@ -260,7 +260,7 @@ def memory_section(memory) -> list[str]:
     L = ["## Memory (fresh process per row; 3 training steps on CPU, 1 thread)", "",
          "State bytes per parameter: the optimizer state's tensors (moments and step counters) over the model's "
          "parameter count. Peak RSS: the process's maximum resident memory (getrusage), median over rounds; "
-         "'none' trains without an optimizer step (forward and backward only), the baseline of the deltas.", "",
+         "'none' steps SGD without momentum, an optimizer that keeps no state (the first step of any torch.optim optimizer loads about 150 MiB of torch's modules), the baseline of the deltas.", "",
          "| model | params | arm | state bytes / param | peak RSS (MiB) | peak RSS minus 'none' (MiB) |",
          "|---|---|---|---|---|---|"]
     models = list(dict.fromkeys(r["model"] for r in memory))
