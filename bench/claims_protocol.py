@@ -73,10 +73,10 @@ EXPERIMENTS = {
                    about="1,000 training images, 80 epochs, no augmentation"),
         Experiment("vit-5k", "architecture", budgets=[8], arms=list(ABLATIONS), arch="vit",
                    lr_grid=dict(VIT_GRID), about="a small vision transformer at an equal budget"),
-        Experiment("noisy-60k", "overfitting", budgets=[4], arms=list(ABLATIONS), train_size=None,
+        Experiment("noisy-60k", "overfitting", budgets=[2], arms=list(ABLATIONS), train_size=None,
                    label_noise=0.2, val_size=5000, sweep_seeds=1, eval_train_size=5000,
                    about="all 60,000 training images, 20% of their labels replaced by a wrong class"),
-        Experiment("speed-60k", "faster", budgets=[1, 2, 4], arms=["neptune", "adamw", "sgd"], train_size=None,
+        Experiment("speed-60k", "faster", budgets=[1, 2], arms=["neptune", "adamw", "sgd"], train_size=None,
                    val_size=5000, sweep_seeds=1, targets=[0.88, 0.89, 0.90, 0.91, 0.92],
                    about="time to accuracy on all 60,000 training images"),
         # for a GPU (bench/gpu_check.sh): the full-size time-to-accuracy protocol
