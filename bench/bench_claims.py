@@ -194,7 +194,7 @@ def timing(args, exps: list[P.Experiment]) -> list[dict]:
                                  optimizer_ms=1e3 * opt, eval_s=ev, run_s=""))
                 print(f"timing {e.name} {arm} round {rnd}: step {1e3 * step:.1f} ms, optimizer {1e3 * opt:.2f} ms, "
                       f"test eval {ev:.2f} s", flush=True)
-        if args.whole_runs:
+        if args.whole_runs == "all" or e.name in (args.whole_runs or "").split(","):
             b = min(e.budgets)
             for arm in e.arms:
                 cfg = P.run_cfg(e, arm, lib.DEFAULT_LR[P.ARMS[arm]["optimizer"]], 0, b)
@@ -298,7 +298,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--timing", action="store_true", help="measure step and run times (run it alone)")
-    p.add_argument("--whole-runs", action="store_true", help="with --timing: also time one whole run per arm")
+    p.add_argument("--whole-runs", nargs="?", const="all", default=None, metavar="EXPERIMENTS",
+                   help="with --timing: also time one whole run per arm (of these experiments, comma-separated; "
+                        "default: all)")
     p.add_argument("--memory", action="store_true", help="measure optimizer-state bytes and peak memory")
     p.add_argument("--rounds", type=int, default=3, help="--timing/--memory repetitions (medians are quoted)")
     p.add_argument("--out-dir", default=RESULTS)
