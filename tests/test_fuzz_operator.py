@@ -272,6 +272,33 @@ def test_an_update_beyond_float32_meets_an_infinite_weight_as_float32_does(backe
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_float32_overflow_of_a_masked_update_is_judged_element_by_element(backend):
+    """Found by this fuzzer (long mode; eps 2**-149, beta2 0, zero grads): where V is 0 the
+    update overflows float32 and the mask's 0 makes it NaN (inf * 0), where float64 leaves the
+    weight finite (docs/rule.md, "Non-finite values"). The operators and the float32 reference
+    multiply in another order, so near the edge each overflows where the other does not
+    (here element 1: finite in the operator, NaN in the float32 reference): the property
+    judges each element against either result."""
+    def lists():
+        return StepLists([torch.tensor([-1.6169353723526, -0.9932945370674133, 0.5, -0.5])],
+                         [torch.tensor([0.0, 0.0, 0.05, -0.05])],
+                         [torch.tensor([-0.01568325236439705, -1.110969878936885e-05, 0.02, -0.02])],
+                         [torch.tensor([0.00019233372586313635, 0.000739992072340101, 1e-3, 1e-3])],
+                         [torch.tensor(3.0)])
+
+    hyper = dict(lr=0.01, beta1=0.9, beta2=0.0, weight_decay=0.1, eps=2.0**-149, clip=0.1, cautious=True,
+                 maximize=False, grad_scale=None, found_inf=None)
+    expected = {dt: lists() for dt in (torch.float64, torch.float32)}
+    for dt, ref in expected.items():
+        fuzzing.neptune_step_reference_multi(*ref, **hyper, compute_dtype=dt)
+    assert expected[torch.float64].params[0].isfinite().all()
+    assert expected[torch.float32].params[0][:2].isnan().all()
+    case = lists()
+    assert fuzzing.check_operator_call(backend, "wrapper", case, hyper) == "computed"
+    assert case.params[0][0].isnan() and case.params[0][1:].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_one_bf16_moment_far_from_float64_after_cancellation_in_a_small_tensor(backend):
     """Found by this fuzzer (long mode): a bf16-state moment of a 270-element tensor lands near
     0 by cancellation, 4.7e-10 from the float64 result (the float32 reference's bits exactly),
