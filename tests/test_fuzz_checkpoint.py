@@ -111,3 +111,22 @@ def run_checkpoint_case(spec, note=print):
 def test_fuzz_checkpoint():
     n = run_fuzz(checkpoint_specs(), run_checkpoint_case, CI_CASES, "checkpoint")
     assert n >= cases_asked(CI_CASES)
+
+
+@pytest.mark.parametrize("mutations, outcome", [
+    ([("extra_group",), ("drop_group",)], "loaded"),  # the added group dropped again
+    ([("group_extra_param", 0), ("group_missing_param", 0)], "loaded"),  # the added param removed again
+    ([("drop_group",), ("extra_group",)], "refused"),  # one group in place of another, of another size
+])
+def test_group_changes_that_undo_each_other_are_judged_on_the_final_dict(mutations, outcome):
+    """Found by this fuzzer (long mode): a group added and then dropped was counted as two
+    faults, so the property expected a refusal of a dict that loads as it should."""
+    import torch
+
+    params = [torch.nn.Parameter(fuzzing.values(n=1, seed=0, dtype="float32").as_strided((), (), 0)),
+              torch.nn.Parameter(fuzzing.values(n=7, seed=1, dtype="float32").as_strided((7,), (1,), 0)),
+              torch.nn.Parameter(fuzzing.values(n=15, seed=2, dtype="float32").as_strided((3, 5), (5, 1), 0))]
+    got = fuzzing.check_checkpoint_case("reference", params, groups=[[0, 1], [2]], source="neptune",
+                                        source_kwargs={"implementation": "reference"}, source_steps=1,
+                                        target_kwargs={}, target_steps=0, mutations=mutations, seed=0)
+    assert got == outcome
