@@ -312,11 +312,11 @@ def operator_faults(emulated: bool, lists: StepLists, hyper: dict) -> list[Fault
     all_meta = all(t.device.type == "meta" for lst in lists for t in lst)
     for i in range(n):
         p, g, m, v, s = (lst[i] for lst in lists)
+        if g.layout != torch.strided:  # (before the dtype: the operator may check either first)
+            F.append(Fault("sparse grad", _arg("grads", i)))
         if p.is_complex() or p.dtype not in T.DTYPES:
             F.append(Fault("param dtype", _arg("params", i)))
             continue
-        if g.layout != torch.strided:
-            F.append(Fault("sparse grad", _arg("grads", i)))
         devices = [t.device.type for t in (p, g, m, v, s)]
         if any(d != "cpu" for d in devices) and not all_meta:
             F.append(Fault("device", [a for name, d in zip(LIST_NAMES, devices) if d != "cpu" for a in _arg(name, i)]
@@ -851,6 +851,7 @@ def mutate_state_dict(sd: dict, mutations) -> tuple[dict, list[Fault]]:
     sd = copy.deepcopy(sd)
     F: list[Fault] = []
     keyed: dict = {}  # (entry, key) -> the fault of the last change of that value, or None
+    moment_shapes: dict = {}  # (entry, key) -> the moment's shape before any change
     # group counts and sizes are judged on the final dict: a group added then dropped, or a
     # param added then removed, leaves a loadable dict
     sizes0 = [len(g.get("params", ())) for g in sd["param_groups"]] if isinstance(sd, dict) and isinstance(
@@ -941,10 +942,11 @@ def mutate_state_dict(sd: dict, mutations) -> tuple[dict, list[Fault]]:
                 "int": lambda: v.to(torch.int32), "bool": lambda: v > 0, "complex": lambda: v.to(torch.complex64),
                 "meta": lambda: v.to("meta"), "list": lambda: v.tolist(), "none": lambda: None,
             }[kind]()
-            same_shape = isinstance(entry[key], Tensor) and entry[key].shape == v.shape
-            fine = valid or (kind in ("flat", "broadcastable", "longer") and same_shape)  # e.g. a 1-d one is flat
-            if not fine:  # a valid change of a bad moment leaves it bad
-                keyed[id(entry), key] = (entry, key, Fault(f"{key} {kind}", [(key,)]))
+            # judged on the final value (below): a valid change may make a bad moment good
+            # (float16 of an int one) or leave it bad (float16 of a flat one)
+            shape0 = moment_shapes.setdefault((id(entry), key), v.shape)
+            keyed[id(entry), key] = (entry, key, None if _loadable_moment(entry[key], shape0)
+                                     else Fault(f"{key} {kind}", [(key,)]))
     live = [id(e) for e in sd["state"].values()] if isinstance(sd, dict) and isinstance(sd.get("state"), dict) else []
     live += [id(g) for g in sd["param_groups"]] if isinstance(sd, dict) and isinstance(sd.get("param_groups"), list) else []
     if sizes0 is not None and all("params" in g for g in sd["param_groups"]):
@@ -957,6 +959,13 @@ def mutate_state_dict(sd: dict, mutations) -> tuple[dict, list[Fault]]:
     # a change counts if its entry is still there (and the changed key, or the dropped one's absence)
     return sd, F + [f for e, key, f in keyed.values()
                     if f is not None and id(e) in live and (key in e if key else f.what[3:] not in e)]
+
+
+def _loadable_moment(t, shape) -> bool:
+    """A moment Neptune.load_state_dict takes: a real floating tensor of its param's shape
+    with data (any float dtype and strides: it is converted)."""
+    return (isinstance(t, Tensor) and t.is_floating_point() and t.device.type != "meta" and t.layout == torch.strided
+            and t.shape == shape)
 
 
 def well_formed(sd: dict, params) -> dict:

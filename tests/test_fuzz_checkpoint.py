@@ -130,3 +130,19 @@ def test_group_changes_that_undo_each_other_are_judged_on_the_final_dict(mutatio
                                         source_kwargs={"implementation": "reference"}, source_steps=1,
                                         target_kwargs={}, target_steps=0, mutations=mutations, seed=0)
     assert got == outcome
+
+
+@pytest.mark.parametrize("mutations, outcome", [
+    ([("moment", 0, "exp_avg_sq", "int", False), ("moment", 0, "exp_avg_sq", "float16", True)], "loaded"),
+    ([("moment", 0, "exp_avg_sq", "longer", False), ("moment", 0, "exp_avg_sq", "float16", True)], "refused"),
+])
+def test_a_moment_changed_twice_is_judged_by_its_final_value(mutations, outcome):
+    """Found by this fuzzer (long mode): an int moment converted to float16 afterwards is a
+    loadable float16 moment, but was still counted as an int one."""
+    import torch
+
+    params = [torch.nn.Parameter(fuzzing.values(n=7, seed=0, dtype="float32").as_strided((7,), (1,), 0))]
+    got = fuzzing.check_checkpoint_case("reference", params, groups=[[0]], source="neptune",
+                                        source_kwargs={"implementation": "reference"}, source_steps=1,
+                                        target_kwargs={}, target_steps=0, mutations=mutations, seed=0)
+    assert got == outcome

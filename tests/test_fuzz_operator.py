@@ -299,6 +299,17 @@ def test_float32_overflow_of_a_masked_update_is_judged_element_by_element(backen
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_a_sparse_grad_of_a_float64_param_may_be_refused_for_either(backend):
+    """Found by this fuzzer (long mode): with two faults in one tensor, the property expected
+    the param's dtype to be named, and the operator named the sparse grad first."""
+    lists = StepLists([torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64).to_sparse()],
+                      [torch.zeros(0)], [torch.zeros(0)], [torch.tensor(3.0)])
+    hyper = dict(lr=0.01, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, clip=0.1, cautious=False,
+                 maximize=False, grad_scale=None, found_inf=None)
+    assert fuzzing.check_operator_call(backend, "wrapper", lists, hyper) == "refused"
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_one_bf16_moment_far_from_float64_after_cancellation_in_a_small_tensor(backend):
     """Found by this fuzzer (long mode): a bf16-state moment of a 270-element tensor lands near
     0 by cancellation, 4.7e-10 from the float64 result (the float32 reference's bits exactly),
