@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 
@@ -13,18 +12,9 @@ import torch
 
 from neptune_ext import training as lib
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+from scripts import load_bench
 
-
-def _load(name: str):
-    """bench/<name>.py as a module under its name (the scripts import each other by name)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
+_load = load_bench
 
 P = _load("claims_protocol")
 _load("claims_report")

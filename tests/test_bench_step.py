@@ -2,7 +2,6 @@
 sets and checks the files it writes, plus the shapes of the named parameter sets) and of
 bench/cpu_isa_ab.py."""
 import csv
-import importlib.util
 import math
 import os
 import subprocess
@@ -13,19 +12,9 @@ import torch
 
 import neptune_ext
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+from scripts import BENCH, load_bench
 
-
-def _load(name: str):
-    """The script bench/<name>.py as a module, registered under its name: the scripts import
-    each other by name (bench/ is on sys.path when one runs), and dataclasses look their
-    module up in sys.modules."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+_load = load_bench
 
 
 step_sets = _load("step_sets")

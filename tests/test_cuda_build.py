@@ -2,24 +2,15 @@
 kernels compiled for sm_90 by nvcc on the CPU with their register and spill counts."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import ROOT, load_setup
 
-
-def _setup_module():
-    spec = importlib.util.spec_from_file_location("neptune_setup", os.path.join(ROOT, "setup.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # setup.py builds only when run as __main__
-    return mod
-
-
-SETUP = _setup_module()
+SETUP = load_setup()
 
 
 @pytest.mark.parametrize("version", [(11, 8), (12, 0)])

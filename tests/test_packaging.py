@@ -4,7 +4,6 @@ version's single source. (The sdist and wheel themselves are built and installed
 venvs by .ci/package_check.sh, which runs tests/packaging/smoke.py from outside the tree.)"""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,17 +14,9 @@ import torch
 import neptune_ext
 from neptune_ext import ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import ROOT, load_setup
 
-
-def _setup_module():
-    spec = importlib.util.spec_from_file_location("neptune_setup", os.path.join(ROOT, "setup.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # setup.py builds only when run as __main__
-    return mod
-
-
-SETUP = _setup_module()
+SETUP = load_setup()
 
 
 @pytest.mark.parametrize("built, built_cuda, running, running_cuda", [
