@@ -237,8 +237,8 @@ def _check_devices(params, grads, exp_avgs, exp_avg_sqs, steps, lr, grad_scale, 
             raise RuntimeError(f"neptune_step_: params[{i}], its grad, exp_avg, exp_avg_sq and step must all be on one "
                                f"device; got {', '.join(map(str, devices))}")
         if devices[0] != params[0].device:
-            raise RuntimeError(f"neptune_step_: all params must be on one device, got {params[0].device} and "
-                               f"{devices[0]} (params[{i}]); call once per device")
+            raise RuntimeError(f"neptune_step_: all params must be on one device; params[0] is on {params[0].device} "
+                               f"and params[{i}] on {devices[0]}; call once per device")
     device = params[0].device if params else None
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if t is not None and device is not None and t.device != device:

@@ -325,3 +325,20 @@ def test_one_bf16_moment_far_from_float64_after_cancellation_in_a_small_tensor(b
                  maximize=False, grad_scale=None, found_inf=None)
     fuzzing.edge_safe_(lists, hyper)
     assert fuzzing.check_operator_call(backend, "wrapper", lists, hyper) == "computed"
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_params_on_two_devices_are_refused_naming_both(backend):
+    """Found by this fuzzer (long mode): params[0] wholly on meta, params[1] on the CPU. The
+    refusal named only params[1] ("got meta and cpu (params[1])"), so a user reading it
+    looked at the param that was fine; it now says where params[0] and params[1] are."""
+    def t(device):
+        return torch.zeros(3, device=device)
+
+    lists = StepLists([t("meta"), t("cpu")], [t("meta"), t("cpu")], [t("meta"), t("cpu")], [t("meta"), t("cpu")],
+                      [torch.tensor(3.0, device="meta"), torch.tensor(3.0)])
+    hyper = dict(lr=0.01, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, clip=0.1, cautious=False,
+                 maximize=False, grad_scale=None, found_inf=None)
+    assert fuzzing.check_operator_call(backend, "wrapper", lists, hyper) == "refused"
+    with pytest.raises(RuntimeError, match=r"params\[0\] is on meta and params\[1\] on cpu"):
+        torch.ops.neptune_ext.neptune_step_(*lists, **hyper)

@@ -100,8 +100,8 @@ inline StepLaunch build_step_launch(at::TensorList params, at::TensorList grads,
   const int64_t n = s.n;
   s.device = params[0].device();
   for (int64_t i = 1; i < n; ++i)
-    TORCH_CHECK(params[i].device() == s.device, "neptune_step_: all params must be on one device, got ", s.device,
-                " and ", params[i].device(), " (params[", i, "]); call once per device");
+    TORCH_CHECK(params[i].device() == s.device, "neptune_step_: all params must be on one device; params[0] is on ", s.device,
+                " and params[", i, "] on ", params[i].device(), "; call once per device");
   check_same_device(grad_scale, "grad_scale", s.device);
   check_same_device(found_inf, "found_inf", s.device);
   if (lr.device_tensor.defined())
