@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -122,6 +123,23 @@ def want_cuda() -> bool:
     return possible
 
 
+def libstdcxx_link_args() -> list[str]:
+    """["-l:libstdc++.so.6"] where the compiler would link libstdc++ statically, else [].
+
+    Some images carry the C++ runtime (libstdc++.so.6) but not its development link
+    (libstdc++.so); g++ then links libstdc++.a into the extension, a second C++ runtime
+    beside torch's, and the first C++ exception raised through the extension (any refused
+    call) crashes the process (seen with Ubuntu 24.04's g++ 13 and torch 2.11). Naming the
+    runtime's file links it dynamically, as torch itself is."""
+    cxx = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension links with
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [] if os.path.isabs(found) and os.path.exists(found) else ["-l:libstdc++.so.6"]
+
+
 # -- NEPTUNE_SANITIZE=1: the sanitizer build (docs/sanitize.md) -------------------------------
 SANITIZE_DIR = os.path.join("build", "sanitize")
 SANITIZERS = "address,undefined,float-cast-overflow"
@@ -190,6 +208,7 @@ def main() -> None:
 
     # -ffp-contract=off: the SSE2, AVX2 and AVX-512 kernels give bitwise the same result.
     # -fopenmp: at::parallel_for is inline OpenMP; without it the CPU kernel runs serially.
+    cxx_runtime = libstdcxx_link_args()
     cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi", "-fopenmp"]
     cpu_sources = [
         "library.cpp",
@@ -210,7 +229,7 @@ def main() -> None:
             [os.path.join(CSRC, s) for s in cpu_sources],
             include_dirs=[os.path.join(ROOT, CSRC)],  # sources include each other by path from csrc/
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"] + cxx_runtime,
         )
     ]
     if build_cuda:
@@ -219,6 +238,7 @@ def main() -> None:
                 "neptune_ext._C_cuda",
                 [os.path.join(CSRC, "cuda", "operator.cpp"), os.path.join(CSRC, "cuda", "kernels.cu")],
                 include_dirs=[os.path.join(ROOT, CSRC)],
+                extra_link_args=cxx_runtime,
                 extra_compile_args={
                     "cxx": ["-O3", "-g0"],
                     # No FMA contraction, as -ffp-contract=off on the CPU: the count and

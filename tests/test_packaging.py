@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from shutil import which as shutil_which
 
 import pytest
 import torch
@@ -84,3 +85,38 @@ def test_one_version():
 
     assert neptune_ext.__version__ is __version__
     assert neptune_ext.build_info()["version"] == __version__  # setup.py records it
+
+
+def _extension_files() -> list[str]:
+    import importlib
+
+    files = []
+    for name in ("neptune_ext._C", "neptune_ext._C_cuda"):
+        try:
+            files.append(importlib.import_module(name).__file__)
+        except ImportError:
+            pass
+    return files
+
+
+@pytest.mark.skipif(not _extension_files(), reason="no built extension")
+@pytest.mark.skipif(not all(map(shutil_which, ("readelf", "nm"))), reason="binutils (readelf, nm) not installed")
+def test_extensions_link_the_shared_cxx_runtime():
+    """Found on a GPU machine: where g++ finds only libstdc++.a (the image carries
+    libstdc++.so.6 but not the libstdc++.so link), the extensions carried a C++ runtime of
+    their own, and every refused call crashed the process or lost its message's numbers.
+    setup.py's libstdcxx_link_args links the shared one."""
+    for f in _extension_files():
+        needed = subprocess.run(["readelf", "-d", f], capture_output=True, text=True, check=True).stdout
+        assert "[libstdc++.so.6]" in needed, f"{f} does not link libstdc++.so.6"
+        defined = subprocess.run(["nm", "-D", "--defined-only", f], capture_output=True, text=True, check=True).stdout
+        assert " __cxa_throw" not in defined, f"{f} carries its own copy of the C++ runtime"
+
+
+def test_libstdcxx_link_args_names_the_runtime_only_where_the_link_is_missing(monkeypatch, tmp_path):
+    fake = tmp_path / "c++"
+    for found, expected in (("libstdc++.so", ["-l:libstdc++.so.6"]), (str(fake), [])):
+        fake.write_text(f"#!/bin/sh\necho {found}\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("CXX", str(fake))
+        assert SETUP.libstdcxx_link_args() == expected
