@@ -22,6 +22,8 @@
 #
 # usage: bash bench/gpu_check.sh [--dry-run]
 #   --dry-run  print the stages without running them (works without a GPU).
+# GPU_CHECK_STAGES=info,build,... runs only the stages named (default: all), so that the
+# check can be split over short calls; GPU_CHECK_BUDGET_S (default 465) caps the main stages.
 # compute-sanitizer refuses some cards (it did on an H200): its stage then fails alone.
 # PYTHON overrides the interpreter (default: python3, the GPU machine's torch venv).
 set -u
@@ -70,9 +72,11 @@ pack() {
 DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-465}))
 
 # stage NAME TIMEOUT_S CMD...: run with a time limit, tee to $LOGDIR/NAME.log, record rc.
+ONLY=",${GPU_CHECK_STAGES:-},"
 stage() {
   local name=$1 limit=$2
   shift 2
+  [ "$ONLY" != ",," ] && [[ "$ONLY" != *",$name,"* ]] && return 0
   local left=$((DEADLINE - $(date +%s)))
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$DRY" = 0 ] && [ "$limit" -lt 5 ]; then
@@ -154,6 +158,8 @@ export SANITIZER PY
 # The caching allocator hides out-of-bounds accesses inside its blocks: turn it off.
 stage memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 bash -c 'sanitize memcheck'
 stage racecheck 60 bash -c 'sanitize racecheck'
+stage initcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 bash -c 'sanitize initcheck'
+stage synccheck 60 bash -c 'sanitize synccheck'
 
 # No for-loop AdamW on CUDA (10,000 tensors would take seconds a step); the reference runs
 # on sets of up to 2,000 tensors (bench_step.py's limit).

@@ -5,6 +5,12 @@ long units (all three roles), zero-size tensors, fp32/bf16/fp16, found_inf both 
 a tensor lr, with float32 and with bf16 state; then views at element offsets into their buffers (co-aligned: scalar head and
 16-byte vectors; not co-aligned: the all-scalar fallback) with the three dtypes in one list.
 Prints OK and exits 0 when the steps ran; the sanitizer reports its findings.
+
+Every input is made on the host and copied to the GPU (`on_dev`): the sanitizer runs see
+only our kernels (--kernel-name), so memory that one of torch's kernels wrote (torch.zeros,
+torch.randn or .to(dtype) on the GPU) looks uninitialized to initcheck, while a host copy
+is an API call it tracks. (The first initcheck run on an H200 reported exactly that: the
+step counters, made by torch.zeros on the GPU.)
 """
 import sys
 
@@ -17,26 +23,33 @@ if dev == "cuda" and (not torch.cuda.is_available() or not neptune_ext.has_kerne
     print("sanitizer_step: no GPU or no CUDA kernel:", neptune_ext.ops.describe_build())
     sys.exit(2)
 shapes = [(), (7,), (0,), (1031,), (5, 1031), (64, 3, 3, 3), (3, 5000), (2, 16385), (40000,)]
+
+
+def on_dev(t):
+    """t (made on the host, in its final dtype) copied to the GPU: see the docstring."""
+    return t.to(dev)
+
+
 for dtype, state_dtype in [(dt, sdt) for sdt in (torch.float32, torch.bfloat16)
                            for dt in (torch.float32, torch.bfloat16, torch.float16)]:
-    p = [torch.randn(s, device=dev).to(dtype) for s in shapes]
-    g = [torch.randn(s, device=dev).to(dtype) for s in shapes]
-    m = [torch.zeros(s, device=dev, dtype=state_dtype) for s in shapes]
-    v = [torch.zeros(s, device=dev, dtype=state_dtype) for s in shapes]
-    st = [torch.zeros((), device=dev) for _ in shapes]
+    p = [on_dev(torch.randn(s).to(dtype)) for s in shapes]
+    g = [on_dev(torch.randn(s).to(dtype)) for s in shapes]
+    m = [on_dev(torch.zeros(s, dtype=state_dtype)) for s in shapes]
+    v = [on_dev(torch.zeros(s, dtype=state_dtype)) for s in shapes]
+    st = [on_dev(torch.zeros(())) for _ in shapes]
     for clip, cautious in ((0.1, True), (0.0, False), (0.1, False), (0.0, True)):
         for found in (0.0, 1.0):
             neptune_ext.neptune_step_(
-                p, g, m, v, st, lr=torch.tensor(1e-3, device=dev), beta1=0.9, beta2=0.999, weight_decay=0.01,
+                p, g, m, v, st, lr=on_dev(torch.tensor(1e-3)), beta1=0.9, beta2=0.999, weight_decay=0.01,
                 eps=1e-8, clip=clip, cautious=cautious, maximize=False,
-                grad_scale=torch.tensor(2.0, device=dev), found_inf=torch.tensor(found, device=dev))
+                grad_scale=on_dev(torch.tensor(2.0)), found_inf=on_dev(torch.tensor(found)))
 
 
 def at_offset(t, off):
-    buf = torch.zeros(t.numel() + off, dtype=t.dtype, device=dev)
-    v = buf[off:].view(t.shape)
-    v.copy_(t)
-    return v
+    """t as a view `off` elements into a buffer of its own, on the GPU."""
+    buf = torch.zeros(t.numel() + off, dtype=t.dtype)
+    buf[off:].copy_(t.reshape(-1))
+    return on_dev(buf)[off:].view(t.shape)
 
 
 for offsets, state_dtype in (((1, 1, 1, 1), torch.float32), ((1, 1, 0, 0), torch.float32),
@@ -45,11 +58,11 @@ for offsets, state_dtype in (((1, 1, 1, 1), torch.float32), ((1, 1, 0, 0), torch
     lists = [[], [], [], [], []]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for s in shapes:
-            t = [torch.randn(s, device=dev).to(dtype), torch.randn(s, device=dev).to(dtype),
-                 torch.zeros(s, device=dev, dtype=state_dtype), torch.zeros(s, device=dev, dtype=state_dtype)]
+            t = [torch.randn(s).to(dtype), torch.randn(s).to(dtype),
+                 torch.zeros(s, dtype=state_dtype), torch.zeros(s, dtype=state_dtype)]
             for k in range(4):
                 lists[k].append(at_offset(t[k], offsets[k]))
-            lists[4].append(torch.zeros((), device=dev))
+            lists[4].append(on_dev(torch.zeros(())))
     for _ in range(2):  # step 2: nonzero moments
         neptune_ext.neptune_step_(*lists, lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, clip=0.1,
                                   cautious=True, maximize=False)
