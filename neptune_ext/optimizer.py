@@ -380,6 +380,7 @@ class Neptune(Optimizer):
 
         # Collect (and validate) every group before anything is written.
         steppers = []
+        validated = self.__dict__.setdefault("_validated_hyper", {})  # id(group) -> _hyper_key
         for group in self.param_groups:
             lists, exact = StepLists.empty(), StepLists.empty()  # operator; float64 (the reference)
             scratch: tuple[list, list] = ([], [])
@@ -387,8 +388,11 @@ class Neptune(Optimizer):
             if not lists.params and not exact.params:
                 continue
             # Set since construction (by a scheduler or by hand): checked before any group is
-            # stepped, whichever implementation steps it.
-            validate_hyperparameters(group, read_device_lr=False)
+            # stepped, whichever implementation steps it; again only when a value changed.
+            key = _hyper_key(group)
+            if key is None or validated.get(id(group)) != key:
+                validate_hyperparameters(group, read_device_lr=False)
+                validated[id(group)] = key
             hyper = dict(
                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                 weight_decay=group["weight_decay"], eps=group["eps"], clip=group["clip"],
@@ -452,6 +456,18 @@ class Neptune(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.device.type != "cuda":
                     raise RuntimeError(f"Neptune: CUDA graph capture needs CUDA params, got one on {p.device}")
+
+
+_HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "clip", "cautious", "maximize", "capturable", "skip_nonfinite",
+               "implementation", "foreach", "fused", "differentiable", "state_dtype")
+
+
+def _hyper_key(group: dict) -> tuple | None:
+    """The values validate_hyperparameters reads (a list of betas copied, as it may change in
+    place), or None when lr is a tensor, whose value may change in place."""
+    if isinstance(group["lr"], Tensor):
+        return None
+    return tuple(tuple(v) if isinstance(v, list) else v for v in map(group.get, _HYPER_KEYS))
 
 
 def _buckets_by_device(lists: StepLists) -> list[tuple[torch.device, StepLists]]:

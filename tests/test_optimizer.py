@@ -386,6 +386,24 @@ def test_hyperparameters_set_after_construction_are_checked_before_any_group_ste
     _assert_frozen(before, opt, [a, b])
 
 
+@pytest.mark.parametrize("change", ["lr", "betas in place", "eps", "clip"])
+def test_hyperparameters_changed_after_a_step_are_checked_again(change):
+    """step() validates a group again only when a value changed since its last check: the
+    change is seen, also one made in place in a list of betas."""
+    a, b, opt = _two_groups("auto")
+    opt.param_groups[1]["betas"] = [0.9, 0.999]
+    opt.step()
+    group = opt.param_groups[1]
+    if change == "betas in place":
+        group["betas"][1] = 1.5
+    else:
+        group[change] = -1.0
+    before = _frozen(opt, [a, b])
+    with pytest.raises(ValueError, match=r"invalid (lr|betas\[1\]|eps|clip)=.*valid range"):
+        opt.step()
+    _assert_frozen(before, opt, [a, b])
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bad", ["dtype", "shape"])
 def test_a_grad_unlike_its_param_is_refused_before_any_group_steps(impl, bad):
