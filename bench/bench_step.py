@@ -335,7 +335,9 @@ def count_launches(step: Callable[[], None]) -> int | str:
             step()
             torch.cuda.synchronize()
         events = prof.events()
-        n = sum(1 for e in events if e.device_type == DeviceType.CUDA)
+        # A record_function range (torch.optim's "Optimizer.step#...") is mirrored on the GPU
+        # timeline as a user annotation: not an activity of the step.
+        n = sum(1 for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
         if n == 0:  # no CUPTI device records: count the runtime calls on the CPU side
             n = sum(1 for e in events if e.device_type == DeviceType.CPU and
                     any(k in e.name for k in ("LaunchKernel", "cudaMemcpy", "cudaMemset")))

@@ -131,7 +131,7 @@ print(neptune_ext.build_info())
 assert neptune_ext.has_kernel('cuda'), neptune_ext.ops.describe_build()
 print('cuda kernel loaded on', torch.cuda.get_device_name(0))"
 
-stage pytest-cuda 150 env NEPTUNE_REQUIRE_KERNEL=1 "$PY" -m pytest -q -rs -k "cuda and not simt" \
+stage pytest-cuda 150 env NEPTUNE_REQUIRE_KERNEL=1 "$PY" -m pytest -q -rfEs -k "cuda and not simt" \
   tests/test_operator_contract.py tests/test_neptune_step_cuda.py tests/test_cuda_plan.py \
   --junitxml="$LOGDIR/pytest-cuda.xml"
 
@@ -168,13 +168,13 @@ stage bench 150 "$PY" bench/bench_step.py --device cuda --dtype fp32,bf16 \
   --contenders neptune-op,neptune-op-bf16-state,neptune-optimizer,neptune-reference,adamw-foreach,adamw-fused,timm-agc-cadamw-foreach \
   --out-dir bench/results --tag "$CARD"
 
-stage pytest-rest 150 "$PY" -m pytest -q -rs tests --ignore=tests/test_neptune_step_cuda.py \
+stage pytest-rest 150 "$PY" -m pytest -q -rfEs tests --ignore=tests/test_neptune_step_cuda.py \
   --ignore=tests/test_cuda_plan.py -k "not simt and not (test_operator_contract and cuda)" \
   --junitxml="$LOGDIR/pytest-rest.xml"
 
 # The CUDA tests again on the SIMT-emulated backend (the unchanged kernels on the CPU, as
 # every CI run has them): counts and seconds beside the hardware's, for comparison.
-stage pytest-simt 90 "$PY" -m pytest -q -rs -k simt tests/test_operator_contract.py tests/test_neptune_step_cuda.py \
+stage pytest-simt 90 "$PY" -m pytest -q -rfEs -k simt tests/test_operator_contract.py tests/test_neptune_step_cuda.py \
   --junitxml="$LOGDIR/pytest-simt.xml" --durations=5
 
 # --- Fashion-MNIST training (bench/bench_training.py --full), on its own time after the budget.
