@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import resource
@@ -85,8 +86,14 @@ def run_one(j: dict) -> dict:
         steps_per_epoch=last["steps_per_epoch"], total_steps=last["total_steps"],
         n_train=min(len(data.train_y), cfg.train_size or len(data.train_y)),
         train_seconds=round(last["seconds"], 3), optimizer_seconds=round(last["optimizer_seconds"], 3),
-        wall_seconds=round(wall, 3), device=j["device"],
+        wall_seconds=round(wall, 3), device=j["device"], machine=machine(j["device"]),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def machine(device: str) -> str:
+    """What a result was measured on: the CPU's or the GPU's name (the report names it)."""
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_name()
 
 
 def run_key(j: dict) -> str:
@@ -329,9 +336,9 @@ def main(argv=None) -> int:
     from claims_report import write_report
 
     if args.timing:
-        write_csv(args.stem + "_timing.csv", timing(args, args.exps))
+        write_csv(args.stem + "_timing.csv", [dict(r, machine=machine(args.device)) for r in timing(args, args.exps)])
     if args.memory:
-        write_csv(args.stem + "_memory.csv", memory(args))
+        write_csv(args.stem + "_memory.csv", [dict(r, machine=machine("cpu")) for r in memory(args)])
     if not (args.timing or args.memory or args.report_only):
         runner = Runner(args)
         if args.jobs == 1:

@@ -98,7 +98,8 @@ def header(args, runs, timing, memory) -> list[str]:
     L = [f"# The three claims, measured{' (quick demo: tiny sizes on digits, not a result)' if args.quick else ''}", "",
          f"Report written by `python bench/bench_claims.py {' '.join(args.argv)}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
          f"git {head or '?'}; {args.device} ({dev}, {os.cpu_count()} cores), torch {torch.__version__}, Neptune CPU kernel set "
-         f"{build_info().get('cpu_isa')}. {len(runs)} training runs, {len(timing)} timing rows, {len(memory)} memory rows.", "",
+         f"{build_info().get('cpu_isa')}. {len(runs)} training runs, {len(timing)} timing rows, {len(memory)} memory rows. "
+         f"Measured on: {measured_on(runs, timing, memory)}.", "",
          "Protocol (bench/claims_protocol.py, checked before this report was written): for every budget separately, each "
          "optimizer's peak lr is chosen by mean final accuracy on a validation split held out of the training set "
          "(sweep seeds 1000+), then every arm trains on the training set on the final seeds (0..4), which the sweep "
@@ -108,6 +109,19 @@ def header(args, runs, timing, memory) -> list[str]:
          "lr. Paired differences: mean ± SE over seeds (same seed = same initial weights, data subset and batch "
          "order in every arm), with the number of seeds the arm won; 'higher'/'lower' when |mean| > 2 SE.", ""]
     return L
+
+
+def measured_on(runs, timing, memory) -> str:
+    """Which machine each part ran on (results from several sessions may be combined)."""
+    parts = []
+    for what, rows in (("training runs", runs), ("timing", timing), ("memory", memory)):
+        counts: dict[str, int] = {}
+        for r in rows:
+            name = r.get("machine") or "not recorded"
+            counts[name] = counts.get(name, 0) + 1
+        if counts:
+            parts.append(f"{what} " + ", ".join(f"{k} ({n})" for k, n in counts.items()))
+    return "; ".join(parts) or "nothing yet"
 
 
 def P_cpu() -> str:
