@@ -320,7 +320,7 @@ def plot_speed(path, exps, runs, st_times) -> None:
         for t in e.targets:
             ax.axhline(100 * t, color="gray", lw=0.5, ls=":")
         ax.legend(fontsize=8)
-    fig.suptitle("Fashion-MNIST, one budget per point (each its own schedule), lr chosen on validation per budget")
+    fig.suptitle("Fashion-MNIST, one budget per point (each its own schedule),\nlr chosen on validation per budget", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
