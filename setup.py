@@ -129,7 +129,8 @@ def libstdcxx_link_args() -> list[str]:
     Some images carry the C++ runtime (libstdc++.so.6) but not its development link
     (libstdc++.so); g++ then links libstdc++.a into the extension, a second C++ runtime
     beside torch's, and the first C++ exception raised through the extension (any refused
-    call) crashes the process (seen with Ubuntu 24.04's g++ 13 and torch 2.11). Naming the
+    call) crashes the process (seen on a GPU machine whose $CXX, a g++ 13, found only
+    libstdc++.a; torch 2.11). Naming the
     runtime's file links it dynamically, as torch itself is."""
     cxx = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension links with
     try:
