@@ -130,8 +130,8 @@ def libstdcxx_link_args() -> list[str]:
     (libstdc++.so); g++ then links libstdc++.a into the extension, a second C++ runtime
     beside torch's, and the first C++ exception raised through the extension (any refused
     call) crashes the process (seen on a GPU machine whose $CXX, a g++ 13, found only
-    libstdc++.a; torch 2.11). Naming the
-    runtime's file links it dynamically, as torch itself is."""
+    libstdc++.a; torch 2.11). Naming the runtime's file links it dynamically, as torch
+    itself is."""
     cxx = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension links with
     try:
         found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
